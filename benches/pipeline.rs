@@ -1,0 +1,53 @@
+//! The CPU work around the model, per request: fitting a 300-message thread
+//! into the budget, building the prompt, and the faithfulness check. These must
+//! stay negligible next to inference.
+//!
+//!   cargo bench --bench pipeline
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use palaver::summarize::thread::{Message, Role};
+use palaver::summarize::{cut, faithful, parse, prompt};
+use std::hint::black_box;
+
+fn thread(n: usize) -> Vec<Message> {
+    (0..n)
+        .map(|i| Message {
+            id: format!("m{i}"),
+            role: if i % 2 == 0 { Role::Customer } else { Role::Agent },
+            sent_at: None,
+            text: if i % 17 == 0 {
+                format!("Order BR-{} for R$ {},90 - call +55 11 9{:04}-1234", 40000 + i, 100 + i, i)
+            } else {
+                "Any update on my delivery? It has been a week and nobody answers my e-mails.".into()
+            },
+            channel: "whatsapp".into(),
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let msgs = thread(300);
+    let count = |s: &str| s.split_whitespace().count() * 4 / 3 + 1;
+    c.bench_function("cut 300 messages to 1536 tokens", |b| b.iter(|| cut::fit(black_box(&msgs), 1536, &count)));
+    let c300 = cut::fit(&msgs, 1536, &count);
+    c.bench_function("transcript + prompt", |b| {
+        b.iter(|| {
+            let t = prompt::transcript(black_box(&msgs), &c300);
+            prompt::build(&prompt::PromptSpec { language_name: "Portuguese", max_words: 60, forbidden: &[] }, &t)
+        })
+    });
+    c.bench_function("faithfulness support from 300 messages", |b| {
+        b.iter(|| faithful::Support::from_texts(black_box(&msgs).iter().map(|m| m.text.as_str())))
+    });
+    let support = faithful::Support::from_texts(msgs.iter().map(|m| m.text.as_str()));
+    let out = " Cliente cobra o pedido BR-40017 de R$ 117,90; ligar +55 11 90017-1234.\nISSUE: Atraso\nACTIONS: -\nSTATUS: waiting_on_agent\nNEXT: Verificar; Responder";
+    c.bench_function("parse + check an answer", |b| {
+        b.iter(|| {
+            let n = parse::parse(black_box(out));
+            support.unsupported(&n.summary).len()
+        })
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,75 @@
+//! End-to-end summary latency on real models, in-process (no gRPC):
+//! a ~200-token and a ~1,000-token TweetSumm thread, each summarised RUNS times
+//! (default 3) after one warm-up; prints the median latency and the prompt and
+//! generation speeds. Not criterion: one sample of the 1.5B model takes minutes
+//! on 2 cores, and criterion's minimum of 10 samples would take an hour.
+//!
+//!   cargo bench --bench summarize                 # default summarizer
+//!   PALAVER_SUMMARIZER=qwen2.5-coder-0.5b-instruct cargo bench --bench summarize
+
+use palaver::eval::TweetSummDialog;
+use palaver::llm::LlmHandle;
+use palaver::models::{self, FetchOptions, HubOptions};
+use palaver::summarize::thread::SummarizeInput;
+use palaver::summarize::{SummarizeConfig, Summarizer};
+use std::time::Instant;
+
+fn thread_of_tokens(dialogs: &[TweetSummDialog], tok: &tokenizers::Tokenizer, target: usize) -> SummarizeInput {
+    // Concatenate dialogs until the transcript reaches the target size.
+    let mut input = dialogs[0].to_input();
+    input.thread.messages.clear();
+    let mut n = 0;
+    'outer: for d in dialogs {
+        for m in d.to_input().thread.messages {
+            n += tok.encode(m.text.as_str(), false).map(|e| e.len()).unwrap_or(0) + 4;
+            let mut m = m;
+            m.id = format!("{}", input.thread.messages.len());
+            input.thread.messages.push(m);
+            if n >= target {
+                break 'outer;
+            }
+        }
+    }
+    input
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let name = std::env::var("PALAVER_SUMMARIZER").unwrap_or_else(|_| models::DEFAULT_SUMMARIZER.into());
+    let runs: usize = std::env::var("RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let dir = std::env::var_os("PALAVER_MODELS_DIR").map(Into::into).unwrap_or_else(models::default_models_dir);
+    models::fetch_models(&[name.as_str()], &FetchOptions::new(dir.clone())).expect("fetch");
+    let files = models::resolve_llm(&name, &dir, &HubOptions::default()).expect("resolve");
+    let data = std::fs::read_to_string("../shared/data/summaries/tweetsumm_train.jsonl").expect("TweetSumm data beside the repo");
+    let dialogs: Vec<TweetSummDialog> = data.lines().take(200).map(|l| serde_json::from_str(l).unwrap()).collect();
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let llm = LlmHandle::spawn(files, candle_core::Device::Cpu).unwrap();
+        llm.wait_loaded().await;
+        let cfg = SummarizeConfig { faithfulness_retries: 0, ..SummarizeConfig::default() };
+        let s = Summarizer::new(llm.clone(), cfg);
+        println!("model {name}, {runs} runs after a warm-up, threads {}", rayon::current_num_threads());
+        println!("| thread | prompt tokens | generated | latency median (s) | prompt tok/s | generated tok/s |");
+        println!("|---|---|---|---|---|---|");
+        for target in [200usize, 1000] {
+            let input = thread_of_tokens(&dialogs, llm.tokenizer(), target);
+            let _ = s.summarize(input.clone(), None).await.unwrap();
+            let (mut lat, mut pps, mut gps) = (vec![], vec![], vec![]);
+            let (mut pt, mut gt) = (0, 0);
+            for _ in 0..runs {
+                let t = Instant::now();
+                let r = s.summarize(input.clone(), None).await.unwrap();
+                lat.push(t.elapsed().as_secs_f64());
+                pps.push(r.timings.prompt_tokens as f64 * 1e3 / r.timings.prompt_ms);
+                gps.push(r.timings.generated_tokens as f64 * 1e3 / r.timings.generation_ms.max(1.0));
+                (pt, gt) = (r.timings.prompt_tokens, r.timings.generated_tokens);
+            }
+            println!("| ~{target} tokens | {pt} | {gt} | {:.1} | {:.1} | {:.1} |", median(lat), median(pps), median(gps));
+        }
+    });
+}

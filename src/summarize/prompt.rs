@@ -1,0 +1,117 @@
+//! The instruction given to the model. The instruction itself is English (the
+//! language small instruction-tuned models follow best); the answer's language
+//! is named explicitly and repeated right before the answer, which is what keeps
+//! Qwen2.5 from drifting into English on Russian or Spanish threads.
+
+use super::cut::Cut;
+use super::thread::Message;
+use crate::llm::chatml;
+
+/// The field labels the model writes and the parser reads.
+pub const SUMMARY: &str = "SUMMARY";
+pub const ISSUE: &str = "ISSUE";
+pub const ACTIONS: &str = "ACTIONS";
+pub const STATUS: &str = "STATUS";
+pub const NEXT: &str = "NEXT";
+
+pub struct PromptSpec<'a> {
+    pub language_name: &'a str,
+    pub max_words: u32,
+    /// Facts a previous attempt invented; the retry is told not to repeat them.
+    pub forbidden: &'a [String],
+}
+
+/// "Customer: ..." lines in thread order with markers where turns were left out.
+pub fn transcript(messages: &[Message], cut: &Cut) -> String {
+    let mut out = String::new();
+    let mut next = 0usize;
+    for k in &cut.kept {
+        if k.index > next {
+            out.push_str(&format!("[... {} messages omitted ...]\n", k.index - next));
+        }
+        let text = k.text.split_whitespace().collect::<Vec<_>>().join(" ");
+        out.push_str(&format!("{}: {}\n", messages[k.index].role.label(), text));
+        next = k.index + 1;
+    }
+    if next < messages.len() {
+        out.push_str(&format!("[... {} messages omitted ...]\n", messages.len() - next));
+    }
+    out
+}
+
+pub fn system(spec: &PromptSpec) -> String {
+    format!(
+        "You write hand-over notes for customer-support agents. You read a chat between a customer and a company \
+         and report it to the next agent, in {lang}.\n\
+         Rules:\n\
+         - Write in {lang} only, even if the instructions are in English.\n\
+         - Use only facts stated in the chat. Copy order numbers, amounts, dates, e-mails, phone numbers and links \
+         exactly as written; never make one up. Do not promise anything the company did not promise.\n\
+         - Be short and concrete.",
+        lang = spec.language_name
+    )
+}
+
+pub fn user(spec: &PromptSpec, transcript: &str) -> String {
+    let mut s = format!(
+        "Chat:\n{transcript}\n\
+         Write the note in {lang}, in exactly this format:\n\
+         {SUMMARY}: <one to three sentences, at most {words} words>\n\
+         {ISSUE}: <what the customer wants or what went wrong>\n\
+         {ACTIONS}: <what the company has already done, or -> \n\
+         {STATUS}: <one of: waiting_on_agent, waiting_on_customer, resolved, unknown>\n\
+         {NEXT}: <the next step; separate several steps with ;>",
+        lang = spec.language_name,
+        words = spec.max_words,
+    );
+    if !spec.forbidden.is_empty() {
+        s.push_str(&format!(
+            "\nDo not mention {}: they do not appear in the chat.",
+            spec.forbidden.join(", ")
+        ));
+    }
+    s.push_str(&format!("\nAnswer in {}.", spec.language_name));
+    s
+}
+
+/// The full ChatML prompt; the answer is started with the first label so the
+/// model commits to the format.
+pub fn build(spec: &PromptSpec, transcript: &str) -> String {
+    chatml(&system(spec), &user(spec, transcript), &format!("{SUMMARY}:"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::summarize::cut::Kept;
+    use crate::summarize::thread::Role;
+
+    fn m(role: Role, text: &str) -> Message {
+        Message { id: String::new(), role, sent_at: None, text: text.into(), channel: String::new() }
+    }
+
+    #[test]
+    fn transcript_marks_omissions_in_order() {
+        let msgs = vec![m(Role::Customer, "a"), m(Role::Agent, "b"), m(Role::Bot, "c"), m(Role::Customer, "d  \n e"), m(Role::Agent, "f")];
+        let kept = |i: usize| Kept { index: i, text: msgs[i].text.clone(), shortened: false };
+        let cut = Cut { kept: vec![kept(0), kept(3)], omitted: vec![1, 2, 4], tokens: 0 };
+        assert_eq!(
+            transcript(&msgs, &cut),
+            "Customer: a\n[... 2 messages omitted ...]\nCustomer: d e\n[... 1 messages omitted ...]\n"
+        );
+    }
+
+    #[test]
+    fn prompt_names_the_language_and_format() {
+        let spec = PromptSpec { language_name: "Russian", max_words: 40, forbidden: &["558813".to_string()] };
+        let p = build(&spec, "Customer: hi\n");
+        assert!(p.starts_with("<|im_start|>system\n"));
+        assert!(p.ends_with("<|im_start|>assistant\nSUMMARY:"));
+        assert!(p.contains("in Russian only"));
+        assert!(p.contains("at most 40 words"));
+        assert!(p.contains("Do not mention 558813"));
+        for label in [SUMMARY, ISSUE, ACTIONS, STATUS, NEXT] {
+            assert!(p.contains(&format!("{label}: <")), "{label}");
+        }
+    }
+}

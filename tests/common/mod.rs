@@ -1,0 +1,85 @@
+//! Shared by the integration tests: real models from the cache (fetched and
+//! prepared on first use) and real servers on 127.0.0.1:0.
+#![allow(dead_code)]
+
+use palaver::llm::LlmHandle;
+use palaver::models::{self, FetchOptions, HubOptions};
+use palaver::proto::v1::assist_client::AssistClient;
+use palaver::server::{self, ServeOptions};
+use palaver::summarize::{SummarizeConfig, Summarizer};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use tonic::transport::Channel;
+
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("PALAVER_MODELS_DIR").map(PathBuf::from).unwrap_or_else(models::default_models_dir)
+}
+
+/// Fetches and prepares a manifest model once (a lock file serialises test binaries).
+pub fn llm_files(name: &str) -> models::LlmFiles {
+    models::fetch_models(&[name], &FetchOptions::new(models_dir())).expect("fetch model");
+    models::resolve_llm(name, &models_dir(), &HubOptions::default()).expect("resolve model")
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub llm: LlmHandle,
+}
+
+impl TestServer {
+    /// Starts a server on its own thread and runtime, so it outlives any one test.
+    pub fn start(files: models::LlmFiles, cfg: SummarizeConfig, opts: ServeOptions) -> TestServer {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let llm = LlmHandle::spawn(files, candle_core::Device::Cpu).expect("spawn model");
+        let handle = llm.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                tx.send(listener.local_addr().unwrap()).unwrap();
+                server::serve(listener, Summarizer::new(llm, cfg), opts, std::future::pending()).await.unwrap();
+            });
+        });
+        TestServer { addr: rx.recv().expect("server started"), llm: handle }
+    }
+
+    pub async fn client(&self) -> AssistClient<Channel> {
+        let ch = Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap();
+        AssistClient::new(ch).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap()
+    }
+
+    /// Waits until health says SERVING (the model is loaded).
+    pub async fn wait_serving(&self) {
+        use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+        let mut h = HealthClient::new(self.channel().await);
+        for _ in 0..600 {
+            let r = h.check(HealthCheckRequest { service: "palaver.v1.Assist".into() }).await.unwrap();
+            if r.into_inner().status == 1 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("server never became SERVING");
+    }
+}
+
+pub fn default_opts() -> ServeOptions {
+    ServeOptions { max_concurrent_requests: 64, max_request_bytes: 4 << 20 }
+}
+
+/// One server with the real default summarizer, shared by the tests of a binary.
+pub fn default_server() -> &'static TestServer {
+    static S: OnceLock<TestServer> = OnceLock::new();
+    S.get_or_init(|| TestServer::start(llm_files(models::DEFAULT_SUMMARIZER), SummarizeConfig::default(), default_opts()))
+}
+
+/// One server with the tiny SmolLM2 fixture: for plumbing, never for quality.
+pub fn fixture_server() -> &'static TestServer {
+    static S: OnceLock<TestServer> = OnceLock::new();
+    S.get_or_init(|| TestServer::start(llm_files(models::FIXTURE_LLM), SummarizeConfig::default(), default_opts()))
+}

@@ -1,0 +1,284 @@
+//! The Assist service over real gRPC, on the real default summarizer
+//! (Qwen2.5-Coder-1.5B-Instruct Q4_K_M) and, for plumbing, the SmolLM2 fixture.
+
+mod common;
+
+use common::{default_server, fixture_server, llm_files, TestServer};
+use palaver::models;
+use palaver::proto::v1::{self as pb, summarize_chunk::Chunk};
+use palaver::server::ServeOptions;
+use palaver::summarize::{faithful, SummarizeConfig};
+use prost_types::Timestamp;
+use tonic::Code;
+
+const T0: i64 = 1_763_640_000; // 2025-11-20
+
+fn msg(i: usize, role: pb::Role, text: &str) -> pb::Message {
+    pb::Message {
+        id: format!("m{i}"),
+        role: role as i32,
+        sent_at: Some(Timestamp { seconds: T0 + 60 * i as i64, nanos: 0 }),
+        text: text.into(),
+        channel: "whatsapp".into(),
+    }
+}
+
+fn thread(id: &str, turns: &[(pb::Role, &str)]) -> pb::SummarizeRequest {
+    pb::SummarizeRequest {
+        thread: Some(pb::Thread {
+            thread_id: id.into(),
+            messages: turns.iter().enumerate().map(|(i, (r, t))| msg(i, *r, t)).collect(),
+        }),
+        language: String::new(),
+        max_words: 0,
+    }
+}
+
+use pb::Role::{Agent, Customer};
+
+const PT: &[(pb::Role, &str)] = &[
+    (Customer, "Olá, boa tarde! Comprei um fone de ouvido Bluetooth no dia 12/11, pedido nº 48213, no valor de R$ 259,90. O prazo de entrega era de 5 dias úteis e até agora não chegou nada."),
+    (Agent, "Boa tarde! Sinto muito pelo transtorno. Poderia me confirmar o CEP de entrega, por favor?"),
+    (Customer, "Claro, o CEP é 04538-132. Já é a segunda vez que entro em contato sobre isso."),
+    (Agent, "Obrigado. Verifiquei aqui e o pedido 48213 ficou retido no centro de distribuição da transportadora. Abri uma reclamação com a transportadora."),
+    (Customer, "E quando vai chegar? Se não chegar até sexta-feira eu quero o reembolso."),
+];
+
+const RU: &[(pb::Role, &str)] = &[
+    (Customer, "Здравствуйте! Я заказал кофемашину, номер заказа 771045, оплатил 18 990 рублей. Сегодня пришла посылка, а машина не включается."),
+    (Agent, "Добрый день! Очень жаль. Подскажите, пожалуйста, вы пробовали включить её в другую розетку?"),
+    (Customer, "Да, пробовал две разные розетки. Индикатор не загорается."),
+    (Agent, "Понятно, спасибо. Я оформил заявку на возврат по заказу 771045. Курьер заберёт кофемашину в течение трёх дней."),
+    (Customer, "Хорошо, а деньги когда вернут?"),
+];
+
+const ES: &[(pb::Role, &str)] = &[
+    (Customer, "Hola, me cobraron dos veces la suscripción de este mes, 2 cargos de 15,99 euros. ¿Me pueden devolver uno?"),
+    (Agent, "Hola, lamento la molestia. Ya revisé su cuenta y veo el cargo duplicado. Solicité el reembolso de 15,99 euros."),
+    (Customer, "Perfecto, ¿cuánto tarda en llegar?"),
+];
+
+fn note_text(r: &pb::SummarizeResponse) -> String {
+    let mut parts = vec![r.summary.clone(), r.customer_issue.clone(), r.actions_taken.clone()];
+    parts.extend(r.next_steps.iter().cloned());
+    parts.join("\n")
+}
+
+/// The checks every real summary must pass: structure, language, faithfulness.
+fn assert_good_summary(req: &pb::SummarizeRequest, r: &pb::SummarizeResponse, lang: &str, wl: whatlang::Lang, order: &str) {
+    let thread_text: Vec<&str> = req.thread.as_ref().unwrap().messages.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(r.language, lang, "{r:#?}");
+    assert_eq!(r.language_source, "detected");
+    assert!(!r.summary.trim().is_empty(), "{r:#?}");
+    assert!(!r.customer_issue.trim().is_empty(), "{r:#?}");
+    assert!(r.status != pb::ThreadStatus::Unspecified as i32);
+    let note = note_text(r);
+    assert_eq!(whatlang::detect_lang(&note), Some(wl), "summary not in {lang}: {note}");
+    assert!(note.contains(order), "order number {order} missing: {note}");
+    // Every number, id, amount or contact in the output appears in the thread.
+    let support = faithful::Support::from_texts(thread_text.iter().copied());
+    let invented: Vec<String> = support.unsupported(&note).into_iter().map(|f| f.raw).collect();
+    assert!(invented.is_empty(), "invented {invented:?} in {note}");
+    let cov = r.coverage.as_ref().unwrap();
+    assert_eq!(cov.used_message_ids.len(), thread_text.len());
+    assert!(!cov.truncated);
+    let tokens = r.tokens.as_ref().unwrap();
+    assert!(tokens.prompt_tokens > 100 && tokens.generated_tokens > 10, "{tokens:?}");
+    let t = r.timings.as_ref().unwrap();
+    assert!(t.prompt_ms > 0.0 && t.generation_ms > 0.0 && t.total_ms >= t.prompt_ms + t.generation_ms);
+    assert_eq!(r.model, models::DEFAULT_SUMMARIZER);
+}
+
+#[tokio::test]
+async fn portuguese_thread_is_summarised_in_portuguese() {
+    let s = default_server();
+    s.wait_serving().await;
+    let req = thread("pt-1", PT);
+    let r = s.client().await.summarize(req.clone()).await.expect("summarize").into_inner();
+    eprintln!("{r:#?}");
+    assert_good_summary(&req, &r, "pt", whatlang::Lang::Por, "48213");
+}
+
+#[tokio::test]
+async fn russian_thread_is_summarised_in_russian() {
+    let s = default_server();
+    s.wait_serving().await;
+    let req = thread("ru-1", RU);
+    let r = s.client().await.summarize(req.clone()).await.expect("summarize").into_inner();
+    eprintln!("{r:#?}");
+    assert_good_summary(&req, &r, "ru", whatlang::Lang::Rus, "771045");
+}
+
+#[tokio::test]
+async fn stream_sends_text_then_the_structured_response() {
+    let s = default_server();
+    s.wait_serving().await;
+    let req = thread("es-1", ES);
+    let mut stream = s.client().await.summarize_stream(req).await.expect("stream").into_inner();
+    let mut text = String::new();
+    let mut deltas = 0;
+    let mut last = None;
+    while let Some(chunk) = stream.message().await.expect("chunk") {
+        assert!(last.is_none(), "the response must be the last chunk");
+        match chunk.chunk.expect("chunk body") {
+            Chunk::TextDelta(t) => {
+                deltas += 1;
+                text.push_str(&t);
+            }
+            Chunk::Restart(_) => text.clear(),
+            Chunk::Response(r) => last = Some(r),
+        }
+    }
+    let r = last.expect("final response");
+    eprintln!("{text}\n{r:#?}");
+    assert!(deltas >= 5, "{deltas} deltas");
+    assert_eq!(r.language, "es");
+    let words: Vec<&str> = r.customer_issue.split_whitespace().take(3).collect();
+    assert!(text.contains(&words.join(" ")), "streamed text {text:?} lacks the issue {:?}", r.customer_issue);
+    // At most one piece per generated token (pieces inside a character are held back).
+    assert!(deltas as u32 <= r.tokens.unwrap().generated_tokens);
+}
+
+#[tokio::test]
+async fn requested_language_overrides_the_threads() {
+    let s = fixture_server();
+    s.wait_serving().await;
+    let mut req = thread("en-1", &[(Customer, "Hi, my parcel 5521 never arrived."), (Agent, "Sorry! I opened a claim.")]);
+    req.language = "pt-br".into();
+    let r = s.client().await.summarize(req).await.expect("summarize").into_inner();
+    assert_eq!(r.language, "pt-BR");
+    assert_eq!(r.language_source, "request");
+    assert_eq!(r.model, models::FIXTURE_LLM);
+}
+
+#[tokio::test]
+async fn a_300_message_thread_is_cut_to_fit_and_still_summarised() {
+    let s = fixture_server();
+    s.wait_serving().await;
+    let mut turns: Vec<(pb::Role, String)> = vec![(Customer, "Hello, I want a refund for order 99120, the blender arrived broken.".into())];
+    for i in 1..300 {
+        let (role, text) = if i % 2 == 1 {
+            (Agent, format!("Update {i}: we are still checking with the warehouse, thank you for your patience."))
+        } else {
+            (Customer, format!("Message {i}: any news? I have been waiting for a long time now."))
+        };
+        turns.push((role, text));
+    }
+    let refs: Vec<(pb::Role, &str)> = turns.iter().map(|(r, t)| (*r, t.as_str())).collect();
+    let r = s.client().await.summarize(thread("long-1", &refs)).await.expect("summarize").into_inner();
+    let cov = r.coverage.unwrap();
+    assert!(cov.truncated);
+    assert!(cov.used_message_ids.contains(&"m0".to_string()), "opening request kept");
+    assert!(cov.used_message_ids.contains(&"m299".to_string()), "latest turn kept");
+    assert_eq!(cov.used_message_ids.len() + cov.omitted_message_ids.len(), 300);
+    assert!(!r.summary.trim().is_empty());
+    let budget = SummarizeConfig::default().prompt_token_budget as u32;
+    assert!(r.tokens.unwrap().prompt_tokens < budget + 400, "prompt stays within the budget plus instructions");
+}
+
+async fn expect_invalid(req: pb::SummarizeRequest, code: Code, field: &str) {
+    let s = fixture_server();
+    let err = s.client().await.summarize(req).await.expect_err("must be rejected");
+    assert_eq!(err.code(), code, "{err:?}");
+    assert!(err.message().contains(field), "message {:?} should name {field}", err.message());
+}
+
+#[tokio::test]
+async fn bad_input_is_rejected_with_the_field_and_limit() {
+    let ok = || thread("bad", &[(Customer, "hello"), (Agent, "hi")]);
+
+    let mut r = ok();
+    r.thread = None;
+    expect_invalid(r, Code::InvalidArgument, "thread").await;
+
+    let mut r = ok();
+    r.thread.as_mut().unwrap().messages.clear();
+    expect_invalid(r, Code::InvalidArgument, "thread.messages").await;
+
+    let mut r = ok();
+    r.thread.as_mut().unwrap().messages[1].text = "   ".into();
+    expect_invalid(r, Code::InvalidArgument, "thread.messages[1].text").await;
+
+    let mut r = ok();
+    r.thread.as_mut().unwrap().messages[0].role = pb::Role::Unspecified as i32;
+    expect_invalid(r, Code::InvalidArgument, "thread.messages[0].role").await;
+
+    let mut r = ok();
+    r.thread.as_mut().unwrap().messages[1].role = 42;
+    expect_invalid(r, Code::InvalidArgument, "thread.messages[1].role").await;
+
+    let mut r = ok();
+    r.thread.as_mut().unwrap().messages[1].sent_at = Some(Timestamp { seconds: T0 - 3600, nanos: 0 });
+    expect_invalid(r, Code::InvalidArgument, "thread.messages[1].sent_at").await;
+
+    let mut r = ok();
+    r.thread.as_mut().unwrap().messages[0].sent_at = Some(Timestamp { seconds: 12, nanos: 0 });
+    expect_invalid(r, Code::InvalidArgument, "thread.messages[0].sent_at").await;
+
+    let mut r = ok();
+    r.thread.as_mut().unwrap().messages[1].sent_at = Some(Timestamp { seconds: 4_000_000_000, nanos: 0 });
+    expect_invalid(r, Code::InvalidArgument, "thread.messages[1].sent_at").await;
+
+    let mut r = ok();
+    r.language = "xx".into();
+    expect_invalid(r, Code::InvalidArgument, "language").await;
+
+    let mut r = ok();
+    r.max_words = 5000;
+    expect_invalid(r, Code::InvalidArgument, "max_words").await;
+
+    let limits = SummarizeConfig::default().limits;
+    let mut r = ok();
+    let m = r.thread.as_ref().unwrap().messages[0].clone();
+    r.thread.as_mut().unwrap().messages = (0..=limits.max_messages).map(|_| pb::Message { sent_at: None, ..m.clone() }).collect();
+    expect_invalid(r, Code::InvalidArgument, "--max-messages").await;
+
+    let mut r = ok();
+    r.thread.as_mut().unwrap().messages[0].text = "a".repeat(limits.max_message_chars + 1);
+    expect_invalid(r, Code::InvalidArgument, "--max-message-chars").await;
+
+    // Bigger than the gRPC message limit (4 MiB by default).
+    let mut r = ok();
+    r.thread.as_mut().unwrap().messages[0].text = "a".repeat(5 << 20);
+    expect_invalid(r, Code::ResourceExhausted, "--max-request-bytes").await;
+}
+
+#[tokio::test]
+async fn overload_fails_fast_and_cancellation_frees_the_slot() {
+    let s = TestServer::start(
+        llm_files(models::FIXTURE_LLM),
+        SummarizeConfig::default(),
+        ServeOptions { max_concurrent_requests: 1, max_request_bytes: 4 << 20 },
+    );
+    s.wait_serving().await;
+    let req = thread("busy", &[(Customer, "Please write me a very long story about my lost parcel."), (Agent, "Sure.")]);
+    // Hold the only slot with a stream that is generating.
+    let mut client = s.client().await;
+    let mut stream = client.summarize_stream(req.clone()).await.expect("stream").into_inner();
+    stream.message().await.expect("first chunk").expect("chunk");
+    let err = s.client().await.summarize(req.clone()).await.expect_err("must be refused");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("--max-concurrent-requests"), "{}", err.message());
+    // The client goes away: its work stops and the slot is free again.
+    drop(stream);
+    drop(client);
+    for _ in 0..100 {
+        if s.llm.stats().cancelled > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(s.llm.stats().cancelled, 1, "the generation must stop when its client goes away");
+    let mut freed = false;
+    for _ in 0..100 {
+        match s.client().await.summarize(req.clone()).await {
+            Ok(_) => {
+                freed = true;
+                break;
+            }
+            Err(e) if e.code() == Code::ResourceExhausted => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(freed, "the cancelled request kept its slot");
+}
