@@ -59,7 +59,7 @@ pub fn fit(messages: &[Message], budget: usize, count: &dyn Fn(&str) -> usize) -
     let budget = budget.saturating_sub(MARKER_RESERVE);
     let mut take = vec![false; items.len()];
     let mut used = 0usize;
-    let mut try_take = |i: usize, used: &mut usize, take: &mut Vec<bool>| {
+    let try_take = |i: usize, used: &mut usize, take: &mut Vec<bool>| {
         if !take[i] && *used + items[i].1 <= budget {
             take[i] = true;
             *used += items[i].1;

@@ -44,9 +44,22 @@ pub fn from_request(tag: &str) -> Result<Language, SummarizeError> {
     Ok(Language { tag: normalised.join("-"), name: lang.to_name().to_string(), source: "request" })
 }
 
+/// Languages detection may pick. Short chats are where detectors fail, and
+/// mostly between close relatives (Russian read as Bulgarian, Portuguese as
+/// Galician): a prior over the languages helpdesks actually receive fixes that.
+/// A request can still name any ISO 639 language explicitly.
+const DETECTABLE: &[whatlang::Lang] = {
+    use whatlang::Lang::*;
+    &[
+        Eng, Por, Spa, Rus, Ukr, Hin, Fra, Deu, Ita, Pol, Tur, Ara, Ind, Vie, Tha, Ron, Nld, Ces, Ell, Heb,
+        Jpn, Cmn, Kor, Ben, Tam, Tel, Mar, Urd, Guj, Pan, Kat, Hye, Aze, Uzb, Hun, Swe, Dan, Fin, Pes,
+    ]
+};
+
 /// Detects the thread's language from what the customer wrote (agents may
 /// answer from an English template), falling back to the whole thread, then English.
 pub fn detect(thread: &Thread) -> Language {
+    let detector = whatlang::Detector::with_allowlist(DETECTABLE.to_vec());
     let join = |customer_only: bool| -> String {
         thread
             .messages
@@ -58,7 +71,7 @@ pub fn detect(thread: &Thread) -> Language {
     };
     let detected = [join(true), join(false)]
         .iter()
-        .filter_map(|text| whatlang::detect(text))
+        .filter_map(|text| detector.detect(text))
         .filter_map(|info| isolang::Language::from_639_3(info.lang().code()))
         .next();
     match detected {

@@ -25,7 +25,7 @@ pub struct Note {
 fn label_of(line: &str) -> Option<(&'static str, &str)> {
     let l = line.trim_start_matches(|c: char| c == '-' || c == '*' || c == '#' || c.is_whitespace());
     for label in [SUMMARY, ISSUE, ACTIONS, STATUS, NEXT] {
-        if l.len() > label.len() && l[..label.len()].eq_ignore_ascii_case(label) {
+        if l.len() > label.len() && l.get(..label.len()).is_some_and(|p| p.eq_ignore_ascii_case(label)) {
             let rest = l[label.len()..].trim_start_matches(['*', ' ']);
             if let Some(value) = rest.strip_prefix(':') {
                 return Some((label, value.trim_start_matches(['*', ' ']).trim()));

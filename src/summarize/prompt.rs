@@ -47,6 +47,7 @@ pub fn system(spec: &PromptSpec) -> String {
          - Write in {lang} only, even if the instructions are in English.\n\
          - Use only facts stated in the chat. Copy order numbers, amounts, dates, e-mails, phone numbers and links \
          exactly as written; never make one up. Do not promise anything the company did not promise.\n\
+         - If the chat gives an order, ticket or protocol number, put it in the SUMMARY.\n\
          - Be short and concrete.",
         lang = spec.language_name
     )
