@@ -12,6 +12,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const STAMP: &str = ".ready.json";
+/// Bumped whenever preparation changes, so caches made by older code are redone.
+const PREPARE_VERSION: u32 = 2;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Stamp {
+    version: u32,
+    /// Prepared file name -> sha256.
+    files: BTreeMap<String, String>,
+}
 
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
@@ -73,11 +82,15 @@ fn check_hash(path: &Path, expected: &str) -> Result<()> {
 pub fn verify_prepared(dir: &Path) -> Result<()> {
     let stamp_path = dir.join(STAMP);
     let text = fs::read_to_string(&stamp_path).map_err(io_err(&stamp_path))?;
-    let files: BTreeMap<String, String> = serde_json::from_str(&text).map_err(|e| ModelsError::Io {
+    let bad = |msg: String| ModelsError::Io {
         path: stamp_path.clone(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-    })?;
-    for (name, sha) in &files {
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, msg),
+    };
+    let stamp: Stamp = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    if stamp.version != PREPARE_VERSION {
+        return Err(bad(format!("prepared by format {}, this build uses {PREPARE_VERSION}", stamp.version)));
+    }
+    for (name, sha) in &stamp.files {
         check_hash(&dir.join(name), sha)?;
     }
     Ok(())
@@ -141,9 +154,9 @@ fn prepare_one(spec: &ModelSpec, dir: &Path, opts: &FetchOptions) -> Result<()> 
     eprintln!("[{}] preparing ({:?})", spec.name, spec.prepare);
     let outputs = prepare::prepare(spec, &source, dir)?;
 
-    let mut stamp = BTreeMap::new();
+    let mut stamp = Stamp { version: PREPARE_VERSION, files: BTreeMap::new() };
     for name in outputs {
-        stamp.insert(name.clone(), sha256_file(&dir.join(&name))?);
+        stamp.files.insert(name.clone(), sha256_file(&dir.join(&name))?);
     }
     let tmp = dir.join(".ready.json.tmp");
     fs::write(&tmp, serde_json::to_vec_pretty(&stamp).expect("map serialises")).map_err(io_err(&tmp))?;

@@ -78,12 +78,28 @@ pub fn requantize_to_q8(src: &Path, out: &Path) -> candle_core::Result<()> {
 }
 
 /// The GGUF files ship no tokenizer.json; candle builds one from the metadata.
+/// For GPT-2-style vocabularies without a known pre-tokenizer preset (SmolLM2)
+/// candle falls back to a byte-level pre-tokenizer that adds a prefix space,
+/// which turns "<|im_start|>user" into "<|im_start|> user" and derails the
+/// chat template; GPT-2 BPE never adds one, so it is switched off here.
 pub(super) fn tokenizer_from_gguf(gguf: &Path, out: &Path) -> candle_core::Result<()> {
     use candle_core::quantized::tokenizer::TokenizerFromGguf;
     let mut r = BufReader::new(File::open(gguf)?);
     let content = gguf_file::Content::read(&mut r)?;
     let tok = tokenizers::Tokenizer::from_gguf(&content)?;
-    tok.save(out, false).map_err(candle_core::Error::wrap)
+    let gpt2 = content.metadata.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).is_some_and(|m| m == "gpt2");
+    let mut json: serde_json::Value = serde_json::from_str(&tok.to_string(false).map_err(candle_core::Error::wrap)?)
+        .map_err(candle_core::Error::wrap)?;
+    if gpt2 {
+        for key in ["pre_tokenizer", "decoder"] {
+            let v = &mut json[key];
+            if v["type"] == "ByteLevel" {
+                v["add_prefix_space"] = serde_json::Value::Bool(false);
+            }
+        }
+    }
+    fs::write(out, serde_json::to_vec(&json).map_err(candle_core::Error::wrap)?)?;
+    Ok(())
 }
 
 /// Header of an E5S1 file (see ../shared/models.md for the layout).
