@@ -33,7 +33,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("transcript + prompt", |b| {
         b.iter(|| {
             let t = prompt::transcript(black_box(&msgs), &c300);
-            prompt::build(&prompt::PromptSpec { language_name: "Portuguese", max_words: 60, forbidden: &[] }, &t)
+            prompt::build(&prompt::PromptSpec { language_name: "Portuguese", language_tag: "pt", max_words: 60, forbidden: &[] }, &t)
         })
     });
     c.bench_function("faithfulness support from 300 messages", |b| {

@@ -111,13 +111,14 @@ pub fn to_response(s: Summary) -> pb::SummarizeResponse {
             prompt_ms: t.prompt_ms,
             generation_ms: t.generation_ms,
             total_ms: t.total_ms,
-            prompt_tokens_per_s: per_s(t.prompt_tokens, t.prompt_ms),
+            prompt_tokens_per_s: per_s(t.prompt_tokens_processed, t.prompt_ms),
             generated_tokens_per_s: per_s(t.generated_tokens, t.generation_ms),
         }),
         faithfulness: Some(pb::Faithfulness {
             regenerated: s.faithfulness.regenerated,
             removed_facts: s.faithfulness.removed_facts,
             passed_first_time: s.faithfulness.passed_first_time,
+            attempts: t.attempts,
         }),
     }
 }

@@ -60,7 +60,7 @@ pub async fn serve(
 
     tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
     tonic::transport::Server::builder()
-        .layer(tower::util::MapResponseLayer::new(status::remap_oversize))
+        .layer(tower::util::MapResponseLayer::new(status::remap_response))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(assist)

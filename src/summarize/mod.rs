@@ -103,8 +103,14 @@ pub struct Timings {
     pub prompt_ms: f64,
     pub generation_ms: f64,
     pub total_ms: f64,
+    /// Size of the (final) prompt.
     pub prompt_tokens: usize,
+    /// Prompt tokens run through the model over all attempts.
+    pub prompt_tokens_processed: usize,
+    /// Generated over all attempts.
     pub generated_tokens: usize,
+    /// Generations run: 1, or more when the faithfulness check asked for another.
+    pub attempts: u32,
 }
 
 impl Timings {
@@ -113,8 +119,10 @@ impl Timings {
         self.queue_ms += ms(g.queue);
         self.prompt_ms += ms(g.prompt_time);
         self.generation_ms += ms(g.generation_time);
-        self.prompt_tokens += g.prompt_tokens;
+        self.prompt_tokens = g.prompt_tokens;
+        self.prompt_tokens_processed += g.prompt_tokens;
         self.generated_tokens += g.generated_tokens;
+        self.attempts += 1;
     }
 }
 
@@ -273,8 +281,13 @@ impl Summarizer {
         forbidden: &[String],
         stream: Option<&mpsc::UnboundedSender<StreamEvent>>,
     ) -> Result<(Generation, f64), SummarizeError> {
-        let spec = prompt::PromptSpec { language_name: &p.language.name, max_words: p.max_words, forbidden };
-        let text = prompt::build(&spec, &p.transcript);
+        let spec = prompt::PromptSpec {
+            language_name: &p.language.name,
+            language_tag: &p.language.tag,
+            max_words: p.max_words,
+            forbidden,
+        };
+        let (text, start) = prompt::build(&spec, &p.transcript);
         let tok = self.llm.tokenizer().clone();
         let t = Instant::now();
         let ids = tokio::task::spawn_blocking(move || tok.encode(text, false).map(|e| e.get_ids().to_vec()))
@@ -284,9 +297,12 @@ impl Summarizer {
         let tok_ms = t.elapsed().as_secs_f64() * 1e3;
 
         let params = GenerateParams { max_new_tokens: self.cfg.max_new_tokens, ..GenerateParams::default() };
-        let gen = match stream {
+        let mut gen = match stream {
             None => self.llm.generate(ids, params, None).await?,
             Some(out) => {
+                if !start.is_empty() {
+                    let _ = out.send(StreamEvent::Text(start.clone()));
+                }
                 // Forward pieces as they come; the model thread never blocks on the client.
                 let (tx, mut rx) = mpsc::unbounded_channel::<String>();
                 let out2 = out.clone();
@@ -302,6 +318,8 @@ impl Summarizer {
                 g?
             }
         };
+        // The forced start is part of the answer.
+        gen.text.insert_str(0, &start);
         Ok((gen, tok_ms))
     }
 }

@@ -16,6 +16,8 @@ pub const NEXT: &str = "NEXT";
 
 pub struct PromptSpec<'a> {
     pub language_name: &'a str,
+    /// BCP-47 tag of the answer's language.
+    pub language_tag: &'a str,
     pub max_words: u32,
     /// Facts a previous attempt invented; the retry is told not to repeat them.
     pub forbidden: &'a [String],
@@ -75,10 +77,39 @@ pub fn user(spec: &PromptSpec, transcript: &str) -> String {
     s
 }
 
-/// The full ChatML prompt; the answer is started with the first label so the
-/// model commits to the format.
-pub fn build(spec: &PromptSpec, transcript: &str) -> String {
-    chatml(&system(spec), &user(spec, transcript), &format!("{SUMMARY}:"))
+/// "The customer" in the answer's language. Starting the answer with it
+/// anchors the language: told "Russian", the 1.5B model otherwise slips into
+/// Ukrainian on some Russian threads (and into English on Spanish ones).
+fn customer_word(tag: &str) -> Option<&'static str> {
+    let primary = tag.split('-').next().unwrap_or(tag);
+    Some(match primary {
+        "en" => "The customer",
+        "pt" => "O cliente",
+        "es" => "El cliente",
+        "ru" => "Клиент",
+        "uk" => "Клієнт",
+        "hi" => "ग्राहक",
+        "fr" => "Le client",
+        "de" => "Der Kunde",
+        "it" => "Il cliente",
+        "pl" => "Klient",
+        "tr" => "Müşteri",
+        "ro" => "Clientul",
+        "nl" => "De klant",
+        "cs" => "Zákazník",
+        "id" => "Pelanggan",
+        "vi" => "Khách hàng",
+        _ => return None,
+    })
+}
+
+/// The full ChatML prompt and the text the answer is forced to start with
+/// (after the first label): the label commits the model to the format, the
+/// first words to the language.
+pub fn build(spec: &PromptSpec, transcript: &str) -> (String, String) {
+    let start = customer_word(spec.language_tag).map(|w| format!(" {w}")).unwrap_or_default();
+    let prompt = chatml(&system(spec), &user(spec, transcript), &format!("{SUMMARY}:{start}"));
+    (prompt, start)
 }
 
 #[cfg(test)]
@@ -104,10 +135,13 @@ mod tests {
 
     #[test]
     fn prompt_names_the_language_and_format() {
-        let spec = PromptSpec { language_name: "Russian", max_words: 40, forbidden: &["558813".to_string()] };
-        let p = build(&spec, "Customer: hi\n");
+        let spec = PromptSpec { language_name: "Russian", language_tag: "ru", max_words: 40, forbidden: &["558813".to_string()] };
+        let (p, start) = build(&spec, "Customer: hi\n");
+        assert_eq!(start, " Клиент");
         assert!(p.starts_with("<|im_start|>system\n"));
-        assert!(p.ends_with("<|im_start|>assistant\nSUMMARY:"));
+        assert!(p.ends_with("<|im_start|>assistant\nSUMMARY: Клиент"));
+        let other = PromptSpec { language_name: "Swahili", language_tag: "sw", max_words: 40, forbidden: &[] };
+        assert!(build(&other, "").0.ends_with("assistant\nSUMMARY:"));
         assert!(p.contains("in Russian only"));
         assert!(p.contains("at most 40 words"));
         assert!(p.contains("Do not mention 558813"));
