@@ -1,9 +1,10 @@
 //! The summary's language: the one the request names (validated as BCP-47 with
-//! a known ISO 639 primary subtag) or the thread's own, detected with whatlang.
+//! a known ISO 639 primary subtag) or the thread's own, detected with lingua.
 
 use super::thread::{invalid, Role, Thread};
 use super::SummarizeError;
 use serde::Serialize;
+use std::sync::LazyLock;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Language {
@@ -44,22 +45,22 @@ pub fn from_request(tag: &str) -> Result<Language, SummarizeError> {
     Ok(Language { tag: normalised.join("-"), name: lang.to_name().to_string(), source: "request" })
 }
 
-/// Languages detection may pick. Short chats are where detectors fail, and
-/// mostly between close relatives (Russian read as Bulgarian, Portuguese as
-/// Galician): a prior over the languages helpdesks actually receive fixes that.
-/// A request can still name any ISO 639 language explicitly.
-const DETECTABLE: &[whatlang::Lang] = {
-    use whatlang::Lang::*;
-    &[
-        Eng, Por, Spa, Rus, Ukr, Hin, Fra, Deu, Ita, Pol, Tur, Ara, Ind, Vie, Tha, Ron, Nld, Ces, Ell, Heb,
-        Jpn, Cmn, Kor, Ben, Tam, Tel, Mar, Urd, Guj, Pan, Kat, Hye, Aze, Uzb, Hun, Swe, Dan, Fin, Pes,
-    ]
-};
+/// Lingua, restricted at compile time (Cargo features) to the languages
+/// helpdesks in palaver's markets receive: it tells Russian from Ukrainian or
+/// Bulgarian on a short chat, where trigram detectors often fail. Language
+/// models load lazily, on the first text in their script.
+static DETECTOR: LazyLock<lingua::LanguageDetector> =
+    LazyLock::new(|| lingua::LanguageDetectorBuilder::from_all_languages().build());
+
+/// ISO 639-1 (or -3) tag of a text's language, if it can tell.
+pub fn detect_text(text: &str) -> Option<String> {
+    let lang = DETECTOR.detect_language_of(text)?;
+    Some(lang.iso_code_639_1().to_string())
+}
 
 /// Detects the thread's language from what the customer wrote (agents may
 /// answer from an English template), falling back to the whole thread, then English.
 pub fn detect(thread: &Thread) -> Language {
-    let detector = whatlang::Detector::with_allowlist(DETECTABLE.to_vec());
     let join = |customer_only: bool| -> String {
         thread
             .messages
@@ -71,15 +72,11 @@ pub fn detect(thread: &Thread) -> Language {
     };
     let detected = [join(true), join(false)]
         .iter()
-        .filter_map(|text| detector.detect(text))
-        .filter_map(|info| isolang::Language::from_639_3(info.lang().code()))
+        .filter_map(|text| detect_text(text))
+        .filter_map(|tag| isolang::Language::from_639_1(&tag).map(|l| (tag, l)))
         .next();
     match detected {
-        Some(l) => Language {
-            tag: l.to_639_1().map(str::to_string).unwrap_or_else(|| l.to_639_3().to_string()),
-            name: l.to_name().to_string(),
-            source: "detected",
-        },
+        Some((tag, l)) => Language { tag, name: l.to_name().to_string(), source: "detected" },
         None => Language { tag: "en".into(), name: "English".into(), source: "detected" },
     }
 }
@@ -108,6 +105,9 @@ mod tests {
             ("Добрий день, моє замовлення досі не прийшло, минуло вже два тижні. Перевірте, будь ласка.", "uk"),
             ("नमस्ते, मेरा ऑर्डर अभी तक नहीं आया है और दो हफ्ते हो गए हैं। कृपया जांच करें।", "hi"),
             ("Hi, my order still has not arrived and it has been two weeks. Can you check?", "en"),
+            ("Здравствуйте! Я заказал кофемашину, номер заказа 771045, оплатил 18 990 рублей. Сегодня пришла посылка, а машина не включается.", "ru"),
+            ("Да, пробовал две разные розетки. Индикатор не загорается.", "ru"),
+            ("Добрий день! З моєї картки двічі списали 450 гривень за підписку.", "uk"),
         ];
         for (text, tag) in cases {
             // The agent answers in English: the customer's language must win.
