@@ -106,3 +106,44 @@ mod tests {
         assert_eq!(rouge("", &refs), (0.0, 0.0, 0.0));
     }
 }
+
+/// A thread of `tests/data/multilingual_threads.jsonl`: support chats written by
+/// the palaver team, each with the language its note must be in and one id or
+/// amount the note must keep.
+#[derive(Debug, Deserialize)]
+pub struct LabelledThread {
+    pub thread_id: String,
+    pub expected_language: String,
+    pub must_keep: String,
+    pub messages: Vec<crate::cli::MessageJson>,
+}
+
+impl LabelledThread {
+    pub fn request(self) -> Result<crate::proto::v1::SummarizeRequest, String> {
+        crate::cli::ThreadJson { thread_id: self.thread_id, language: String::new(), max_words: 0, messages: self.messages }
+            .into_request()
+    }
+}
+
+/// What the multilingual check scores for one note.
+#[derive(Debug, Clone)]
+pub struct NoteCheck {
+    pub in_language: bool,
+    pub complete: bool,
+    pub kept: bool,
+    pub passed_first_time: bool,
+}
+
+pub fn check_note(s: &crate::summarize::Summary, expected_language: &str, must_keep: &str) -> NoteCheck {
+    let n = &s.note;
+    let mut text = vec![n.summary.clone(), n.customer_issue.clone(), n.actions_taken.clone()];
+    text.extend(n.next_steps.iter().cloned());
+    let text = text.join("\n");
+    NoteCheck {
+        in_language: s.language.tag == expected_language
+            && crate::summarize::language::detect_text(&text).as_deref() == Some(expected_language),
+        complete: !n.summary.is_empty() && !n.customer_issue.is_empty() && !n.next_steps.is_empty(),
+        kept: text.contains(must_keep),
+        passed_first_time: s.faithfulness.passed_first_time,
+    }
+}

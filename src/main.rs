@@ -1,7 +1,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use palaver::config::{ModelArgs, ServeArgs, SummarizeArgs};
-use palaver::eval::{rouge, TweetSummDialog};
+use palaver::eval::{check_note, rouge, LabelledThread, TweetSummDialog};
 use palaver::llm::{LlmHandle, ModelState};
 use palaver::models::{self, Manifest};
 use palaver::server::{self, ServeOptions};
@@ -74,6 +74,16 @@ enum EvalCommand {
         #[command(flatten)]
         summarize: SummarizeArgs,
     },
+    /// Per language: is the note in the thread's language, complete, does it keep the key id, and did
+    /// the first answer pass the faithfulness check.
+    Languages {
+        #[arg(long, default_value = "tests/data/multilingual_threads.jsonl")]
+        data: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        summarize: SummarizeArgs,
+    },
 }
 
 fn main() -> Result<()> {
@@ -107,6 +117,9 @@ fn main() -> Result<()> {
         Command::Summarize { file, model, summarize } => rt.block_on(summarize_file(file, model, summarize)),
         Command::Eval { command: EvalCommand::Summaries { data, limit, model, summarize } } => {
             rt.block_on(eval_summaries(data, limit, model, summarize))
+        }
+        Command::Eval { command: EvalCommand::Languages { data, model, summarize } } => {
+            rt.block_on(eval_languages(data, model, summarize))
         }
     }
 }
@@ -199,5 +212,37 @@ async fn eval_summaries(data: PathBuf, limit: usize, model: ModelArgs, summarize
         prompt_tok as f64 * 1e3 / prompt_ms.max(1.0),
         gen_tok as f64 * 1e3 / gen_ms.max(1.0)
     );
+    Ok(())
+}
+
+async fn eval_languages(data: PathBuf, model: ModelArgs, summarize: SummarizeArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&data).with_context(|| format!("reading {}", data.display()))?;
+    let threads: Vec<LabelledThread> =
+        text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let summarizer = load(&model, &summarize).await?;
+    if let ModelState::Failed(e) = summarizer.llm().wait_loaded().await {
+        bail!("model failed to load: {e}");
+    }
+    println!("model: {}", summarizer.llm().id());
+    println!("| thread | language | in language | complete | keeps `{{id}}` | first answer faithful | seconds |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut totals = [0usize; 4];
+    let n = threads.len();
+    for t in threads {
+        let (id, lang, key) = (t.thread_id.clone(), t.expected_language.clone(), t.must_keep.clone());
+        let input = server::to_input(t.request().map_err(anyhow::Error::msg)?)?;
+        let s = summarizer.summarize(input, None).await?;
+        let c = check_note(&s, &lang, &key);
+        let yes = |b: bool| if b { "yes" } else { "NO" };
+        for (i, b) in [c.in_language, c.complete, c.kept, c.passed_first_time].into_iter().enumerate() {
+            totals[i] += usize::from(b);
+        }
+        println!(
+            "| {id} | {lang} | {} | {} | {} (`{key}`) | {} | {:.0} |",
+            yes(c.in_language), yes(c.complete), yes(c.kept), yes(c.passed_first_time), s.timings.total_ms / 1e3
+        );
+        eprintln!("{id}: {}", serde_json::to_string(&s.note)?);
+    }
+    println!("| all | | {}/{n} | {}/{n} | {}/{n} | {}/{n} | |", totals[0], totals[1], totals[2], totals[3]);
     Ok(())
 }
