@@ -285,3 +285,36 @@ async fn overload_fails_fast_and_cancellation_frees_the_slot() {
     }
     assert!(freed, "the cancelled request kept its slot");
 }
+
+#[tokio::test]
+async fn same_thread_gives_the_same_summary() {
+    let s = fixture_server();
+    s.wait_serving().await;
+    let req = thread("det-1", &[(Customer, "My order 7710 arrived late and the box was wet."), (Agent, "Sorry! I logged a complaint.")]);
+    let a = s.client().await.summarize(req.clone()).await.expect("summarize").into_inner();
+    let b = s.client().await.summarize(req).await.expect("summarize").into_inner();
+    assert_eq!(a.summary, b.summary);
+    assert_eq!(a.next_steps, b.next_steps);
+    assert_eq!(a.tokens, b.tokens);
+}
+
+#[tokio::test]
+async fn a_passed_deadline_stops_the_generation() {
+    let mut cfg = SummarizeConfig::default();
+    cfg.max_new_tokens = 2000;
+    let s = TestServer::start(llm_files(models::FIXTURE_LLM), cfg, common::default_opts());
+    s.wait_serving().await;
+    let long: String = (0..60).map(|i| format!("Line {i} of my complaint about the parcel. ")).collect();
+    let mut req = tonic::Request::new(thread("deadline", &[(Customer, long.as_str()), (Agent, "We are looking into it.")]));
+    req.set_timeout(std::time::Duration::from_millis(300));
+    let err = s.client().await.summarize(req).await.expect_err("deadline passes first");
+    assert!(matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled), "{err:?}");
+    for _ in 0..100 {
+        if s.llm.stats().cancelled > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let st = s.llm.stats();
+    assert_eq!((st.cancelled, st.completed), (1, 0), "the model must drop the request, not finish it: {st:?}");
+}

@@ -10,7 +10,7 @@ pub mod thread;
 
 use crate::llm::{GenerateParams, Generation, LlmError, LlmHandle};
 use language::Language;
-use parse::{Note, Status};
+use parse::Note;
 use serde::Serialize;
 use std::time::{Duration, Instant};
 use thread::SummarizeInput;
@@ -360,19 +360,10 @@ fn remove_unsupported(n: Note, support: &faithful::Support, removed: &mut Vec<St
     Note { summary, customer_issue, actions_taken, status: n.status, next_steps }
 }
 
-/// Convenience for callers that only need the status's wire name.
-pub fn status_name(s: Status) -> &'static str {
-    match s {
-        Status::WaitingOnAgent => "waiting_on_agent",
-        Status::WaitingOnCustomer => "waiting_on_customer",
-        Status::Resolved => "resolved",
-        Status::Unknown => "unknown",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use parse::Status;
 
     #[test]
     fn invented_facts_are_removed_and_reported() {
