@@ -45,7 +45,12 @@ fn main() {
     models::fetch_models(&[name.as_str()], &FetchOptions::new(dir.clone())).expect("fetch");
     let files = models::resolve_llm(&name, &dir, &HubOptions::default()).expect("resolve");
     let data = std::fs::read_to_string("../shared/data/summaries/tweetsumm_train.jsonl").expect("TweetSumm data beside the repo");
-    let dialogs: Vec<TweetSummDialog> = data.lines().take(200).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let dialogs: Vec<TweetSummDialog> = data
+        .lines()
+        .take(200)
+        .map(|l| serde_json::from_str::<TweetSummDialog>(l).unwrap())
+        .filter(TweetSummDialog::usable)
+        .collect();
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {

@@ -8,8 +8,12 @@ use std::collections::HashMap;
 #[derive(Debug, Deserialize)]
 pub struct TweetSummDialog {
     pub conversation_id: String,
-    pub abstractive_summaries: Vec<String>,
-    pub turns_exact: Vec<Turn>,
+    /// Missing (null) on a few dialogs; those are skipped by the evaluation.
+    #[serde(default)]
+    pub abstractive_summaries: Option<Vec<String>>,
+    /// Missing (null) where the tweet text could not be joined; skipped too.
+    #[serde(default)]
+    pub turns_exact: Option<Vec<Turn>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -19,10 +23,17 @@ pub struct Turn {
 }
 
 impl TweetSummDialog {
+    /// Has both the dialog text and at least one human summary.
+    pub fn usable(&self) -> bool {
+        self.turns_exact.as_ref().is_some_and(|t| !t.is_empty())
+            && self.abstractive_summaries.as_ref().is_some_and(|s| !s.is_empty())
+    }
+
     pub fn to_input(&self) -> SummarizeInput {
         let messages = self
             .turns_exact
             .iter()
+            .flatten()
             .enumerate()
             .map(|(i, t)| Message {
                 id: format!("{i}"),

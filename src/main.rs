@@ -171,10 +171,13 @@ async fn eval_summaries(data: PathBuf, limit: usize, model: ModelArgs, summarize
     let dialogs: Vec<TweetSummDialog> = text
         .lines()
         .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str::<TweetSummDialog>)
+        .collect::<Result<Vec<_>, _>>()
+        .context("parsing TweetSumm JSONL")?
+        .into_iter()
+        .filter(TweetSummDialog::usable)
         .take(limit)
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()
-        .context("parsing TweetSumm JSONL")?;
+        .collect();
     let summarizer = load(&model, &summarize).await?;
     if let ModelState::Failed(e) = summarizer.llm().wait_loaded().await {
         bail!("model failed to load: {e}");
@@ -186,7 +189,7 @@ async fn eval_summaries(data: PathBuf, limit: usize, model: ModelArgs, summarize
         let input = d.to_input();
         let support = faithful::Support::from_texts(input.thread.messages.iter().map(|m| m.text.as_str()));
         let s = summarizer.summarize(input, None).await?;
-        let (a, b, c) = rouge(&s.note.summary, &d.abstractive_summaries);
+        let (a, b, c) = rouge(&s.note.summary, d.abstractive_summaries.as_deref().unwrap_or_default());
         r1 += a;
         r2 += b;
         rl += c;

@@ -89,24 +89,24 @@ fn assert_good_summary(req: &pb::SummarizeRequest, r: &pb::SummarizeResponse, la
     assert_eq!(r.model, models::DEFAULT_SUMMARIZER);
 }
 
-#[tokio::test]
-async fn portuguese_thread_is_summarised_in_portuguese() {
+/// Summarises a thread on the default model and checks the note.
+async fn summarize_and_check(id: &str, turns: &[(pb::Role, &str)], lang: &str, order: &str) {
     let s = default_server();
     s.wait_serving().await;
-    let req = thread("pt-1", PT);
+    let req = thread(id, turns);
     let r = s.client().await.summarize(req.clone()).await.expect("summarize").into_inner();
     eprintln!("{r:#?}");
-    assert_good_summary(&req, &r, "pt", "48213");
+    assert_good_summary(&req, &r, lang, order);
+}
+
+#[tokio::test]
+async fn portuguese_thread_is_summarised_in_portuguese() {
+    summarize_and_check("pt-1", PT, "pt", "48213").await;
 }
 
 #[tokio::test]
 async fn russian_thread_is_summarised_in_russian() {
-    let s = default_server();
-    s.wait_serving().await;
-    let req = thread("ru-1", RU);
-    let r = s.client().await.summarize(req.clone()).await.expect("summarize").into_inner();
-    eprintln!("{r:#?}");
-    assert_good_summary(&req, &r, "ru", "771045");
+    summarize_and_check("ru-1", RU, "ru", "771045").await;
 }
 
 #[tokio::test]
