@@ -265,7 +265,7 @@ async fn overload_fails_fast_and_cancellation_frees_the_slot() {
     // The client goes away: its work stops and the slot is free again.
     drop(stream);
     drop(client);
-    for _ in 0..100 {
+    for _ in 0..1200 {
         if s.llm.stats().cancelled > 0 {
             break;
         }
@@ -309,8 +309,11 @@ async fn a_passed_deadline_stops_the_generation() {
     req.set_timeout(std::time::Duration::from_millis(300));
     let err = s.client().await.summarize(req).await.expect_err("deadline passes first");
     assert!(matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled), "{err:?}");
-    for _ in 0..100 {
-        if s.llm.stats().cancelled > 0 {
+    // The model notices between tokens; its prompt may take a while when other
+    // tests share the cores.
+    for _ in 0..1200 {
+        let st = s.llm.stats();
+        if st.cancelled + st.completed + st.failed > 0 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
