@@ -34,6 +34,8 @@ impl TweetSummDialog {
             .turns_exact
             .iter()
             .flatten()
+            // Media-only tweets have no text left; a helpdesk would not send them either.
+            .filter(|t| !t.text.trim().is_empty())
             .enumerate()
             .map(|(i, t)| Message {
                 id: format!("{i}"),
