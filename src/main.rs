@@ -156,8 +156,9 @@ async fn summarize_file(file: String, model: ModelArgs, summarize: SummarizeArgs
     }
     let thread: palaver::cli::ThreadJson = serde_json::from_str(&text).context("parsing the thread JSON")?;
     let req = thread.into_request().map_err(anyhow::Error::msg)?;
-    let summarizer = load(&model, &summarize).await?;
     let input = server::to_input(req)?;
+    let summarizer = load(&model, &summarize).await?;
+    summarizer.validate(&input)?;
     if let ModelState::Failed(e) = summarizer.llm().wait_loaded().await {
         bail!("model failed to load: {e}");
     }
