@@ -109,7 +109,7 @@ pub fn remove_unsupported(text: &str, support: &Support) -> (String, Vec<String>
 
 /// Sentence boundaries: `.`, `!`, `?`, `।` (Devanagari danda) or `;` followed by
 /// whitespace, and line breaks. A dot between digits ("1.234") is not one.
-fn split_sentences(text: &str) -> Vec<&str> {
+pub(crate) fn split_sentences(text: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut start = 0;
     let chars: Vec<(usize, char)> = text.char_indices().collect();

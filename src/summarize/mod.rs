@@ -234,7 +234,7 @@ impl Summarizer {
             }
         };
         let mut note = remove_unsupported(note, &prepared.support, &mut faith.removed_facts);
-        note.summary = parse::limit_words(&note.summary, prepared.max_words as usize);
+        note.summary = parse::limit_words(&parse::limit_sentences(&note.summary, 3), prepared.max_words as usize);
         timings.total_ms = start.elapsed().as_secs_f64() * 1e3;
         Ok(Summary {
             thread_id: input.thread.id,

@@ -90,6 +90,15 @@ pub fn parse(text: &str) -> Note {
     }
 }
 
+/// The summary is one to three sentences: later ones are dropped.
+pub fn limit_sentences(text: &str, max: usize) -> String {
+    let s = super::faithful::split_sentences(text);
+    if s.len() <= max {
+        return text.to_string();
+    }
+    s[..max].join(" ")
+}
+
 /// Cuts `text` to at most `max_words` words, at a sentence end when one is close.
 pub fn limit_words(text: &str, max_words: usize) -> String {
     let words: Vec<&str> = text.split_whitespace().collect();
@@ -135,6 +144,12 @@ mod tests {
         let n = parse(" The customer wants a refund.\nThe agent agreed.");
         assert_eq!(n.summary, "The customer wants a refund. The agent agreed.");
         assert_eq!(n.status, Status::Unknown);
+    }
+
+    #[test]
+    fn limits_sentences() {
+        assert_eq!(limit_sentences("A. B! C? D.", 3), "A. B! C?");
+        assert_eq!(limit_sentences("Total 1.234,56 paid. Done.", 3), "Total 1.234,56 paid. Done.");
     }
 
     #[test]
