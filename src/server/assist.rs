@@ -26,8 +26,8 @@ impl AssistService {
     fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {
         self.admission.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
-                "server busy: {} requests in flight, the limit is {} (--max-concurrent-requests); retry later",
-                self.max_concurrent, self.max_concurrent
+                "server busy: all {} request slots are in use (--max-concurrent-requests); retry later",
+                self.max_concurrent
             ))
         })
     }
