@@ -203,25 +203,58 @@ impl Llm {
 
 /// Turns a growing token sequence into text pieces, holding back a piece while
 /// it ends inside a multi-byte character (a token may carry half of one).
+/// Decodes only a short window of recent tokens per step, not the whole
+/// sequence, so streaming stays linear in the answer's length; the window starts
+/// a few tokens back because a token's text can depend on its left neighbour.
 #[derive(Default)]
 struct IncrementalDecoder {
-    emitted: usize,
+    /// Start of the decoding window.
+    prefix: usize,
+    /// Tokens already emitted as text.
+    read: usize,
 }
 
 impl IncrementalDecoder {
     fn push(&mut self, tok: &Tokenizer, ids: &[u32]) -> Result<Option<String>, LlmError> {
-        let text = tok.decode(ids, true).map_err(|e| LlmError::Tokenizer(e.to_string()))?;
-        if text.ends_with('\u{FFFD}') || text.len() <= self.emitted || !text.is_char_boundary(self.emitted) {
+        let decode = |s: &[u32]| tok.decode(s, true).map_err(|e| LlmError::Tokenizer(e.to_string()));
+        let before = decode(&ids[self.prefix..self.read])?;
+        let now = decode(&ids[self.prefix..])?;
+        if now.ends_with('\u{FFFD}') || now.len() <= before.len() || !now.is_char_boundary(before.len()) {
             return Ok(None);
         }
-        let piece = text[self.emitted..].to_string();
-        self.emitted = text.len();
+        let piece = now[before.len()..].to_string();
+        self.prefix = self.read;
+        self.read = ids.len();
         Ok(Some(piece))
     }
 }
 
 /// ChatML, the template of both Qwen2.5 and SmolLM2. `assistant_prefix` is
 /// text the answer is forced to start with.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn incremental_decoding_reassembles_the_full_text() {
+        use crate::models::{self, FetchOptions, HubOptions};
+        let dir = std::env::var_os("PALAVER_MODELS_DIR").map(Into::into).unwrap_or_else(models::default_models_dir);
+        models::fetch_models(&[models::FIXTURE_LLM], &FetchOptions::new(dir.clone())).unwrap();
+        let files = models::resolve_llm(models::FIXTURE_LLM, &dir, &HubOptions::default()).unwrap();
+        let tok = Tokenizer::from_file(&files.tokenizer).unwrap();
+        let text = "Olá, pedido nº 48213 — R$ 259,90; Привет, заказ 771045 👍 done.";
+        let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
+        let mut d = IncrementalDecoder::default();
+        let mut out = String::new();
+        for n in 1..=ids.len() {
+            if let Some(p) = d.push(&tok, &ids[..n]).unwrap() {
+                out.push_str(&p);
+            }
+        }
+        assert_eq!(out, tok.decode(&ids, true).unwrap());
+    }
+}
+
 pub fn chatml(system: &str, user: &str, assistant_prefix: &str) -> String {
     format!(
         "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{assistant_prefix}"

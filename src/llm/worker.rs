@@ -20,11 +20,11 @@ pub enum ModelState {
     Failed(String),
 }
 
-pub struct GenerateJob {
-    pub prompt: Vec<u32>,
-    pub params: GenerateParams,
+struct GenerateJob {
+    prompt: Vec<u32>,
+    params: GenerateParams,
     /// Receives decoded text pieces as they are generated.
-    pub stream: Option<mpsc::UnboundedSender<String>>,
+    stream: Option<mpsc::UnboundedSender<String>>,
     enqueued: Instant,
     reply: oneshot::Sender<Result<Generation, LlmError>>,
 }

@@ -200,10 +200,10 @@ impl Summarizer {
 
         let t = Instant::now();
         let this = self.clone();
-        let input2 = input.clone();
-        let prepared = tokio::task::spawn_blocking(move || this.prepare(&input2))
+        let (prepared, input) = tokio::task::spawn_blocking(move || (this.prepare(&input), input))
             .await
-            .map_err(|e| SummarizeError::Internal(e.to_string()))??;
+            .map_err(|e| SummarizeError::Internal(e.to_string()))?;
+        let prepared = prepared?;
         timings.tokenize_ms += t.elapsed().as_secs_f64() * 1e3;
 
         let mut forbidden: Vec<String> = Vec::new();
