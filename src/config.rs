@@ -1,6 +1,9 @@
 //! Command-line configuration. Every flag can also be set from the environment.
 
 use crate::models::{self, HubOptions};
+use crate::intent::head::TrainOptions;
+use crate::intent::taxonomy::TaxonomyLimits;
+use crate::intent::IntentConfig;
 use crate::summarize::{Limits, SummarizeConfig};
 use clap::Args;
 use std::net::SocketAddr;
@@ -140,4 +143,126 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub summarize: SummarizeArgs,
+}
+
+/// The sentence encoder behind intents and sentiment, and how it batches.
+#[derive(Debug, Clone, Args)]
+pub struct EncoderArgs {
+    /// A manifest encoder name or a folder with config.json, model.safetensors and
+    /// tokenizer.json. all-minilm-l6-v2 is about twice as fast but English-only.
+    #[arg(long, env = "PALAVER_ENCODER", default_value = models::DEFAULT_ENCODER)]
+    pub encoder: String,
+
+    /// Tokens of a message the encoder reads; the rest is cut. Support messages are
+    /// short; longer limits cost quadratic attention time on long pastes.
+    #[arg(long, env = "PALAVER_ENCODER_MAX_TOKENS", default_value_t = 256)]
+    pub encoder_max_tokens: usize,
+
+    /// Messages in one encoder forward pass. Larger batches raise throughput under
+    /// load and the latency of each batch.
+    #[arg(long, env = "PALAVER_ENCODER_BATCH_SIZE", default_value_t = 64)]
+    pub encoder_batch_size: usize,
+
+    /// Padded tokens (longest message x count) in one forward pass.
+    #[arg(long, env = "PALAVER_ENCODER_BATCH_TOKENS", default_value_t = 8192)]
+    pub encoder_batch_tokens: usize,
+
+    /// Microseconds a lone request waits for others to share its forward pass.
+    /// 0 gives the lowest latency when idle; a few ms batches concurrent callers.
+    #[arg(long, env = "PALAVER_ENCODER_BATCH_WAIT_US", default_value_t = 2000)]
+    pub encoder_batch_wait_us: u64,
+}
+
+impl EncoderArgs {
+    pub fn files(&self, model: &ModelArgs) -> Result<models::EncoderFiles, models::ModelsError> {
+        let manifest = models::Manifest::embedded()?;
+        if !model.no_fetch && manifest.get(&self.encoder).is_ok() {
+            models::fetch_models(&[self.encoder.as_str()], &model.fetch_options())?;
+        }
+        models::resolve_encoder(&self.encoder, &model.models_dir)
+    }
+
+    pub fn spawn(&self, model: &ModelArgs) -> Result<crate::encoder::EncoderHandle, Box<dyn std::error::Error + Send + Sync>> {
+        let files = self.files(model)?;
+        let policy = crate::encoder::batching::BatchPolicy {
+            max_batch_size: self.encoder_batch_size.max(1),
+            max_batch_tokens: self.encoder_batch_tokens.max(1),
+        };
+        Ok(crate::encoder::EncoderHandle::spawn(
+            files,
+            candle_core::Device::Cpu,
+            policy,
+            std::time::Duration::from_micros(self.encoder_batch_wait_us),
+            self.encoder_max_tokens,
+        )?)
+    }
+}
+
+/// Taxonomies: where they are kept and what one may hold.
+#[derive(Debug, Clone, Args)]
+pub struct IntentArgs {
+    /// Taxonomy TOML files, or folders of them, registered at start-up
+    /// (re-registering an unchanged one is free). Repeatable.
+    #[arg(long = "taxonomy", env = "PALAVER_TAXONOMY", value_delimiter = ',')]
+    pub taxonomies: Vec<PathBuf>,
+
+    /// Folder of the taxonomy store: one file per registered taxonomy with its trained head.
+    #[arg(long, env = "PALAVER_TAXONOMY_STORE", default_value_os_t = default_store_dir())]
+    pub taxonomy_store: PathBuf,
+
+    /// Taxonomy of requests that name none. palaver ships `support`.
+    #[arg(long, env = "PALAVER_DEFAULT_TAXONOMY", default_value = "support")]
+    pub default_taxonomy: String,
+
+    /// Share of a taxonomy's own held-out examples its out-of-scope threshold may
+    /// reject. Higher catches more off-topic messages and flags more real ones.
+    #[arg(long, env = "PALAVER_OOS_QUANTILE", default_value_t = TrainOptions::default().oos_quantile)]
+    pub oos_quantile: f32,
+
+    #[arg(long, env = "PALAVER_MAX_TAXONOMY_INTENTS", default_value_t = TaxonomyLimits::default().max_intents)]
+    pub max_taxonomy_intents: usize,
+
+    #[arg(long, env = "PALAVER_MAX_EXAMPLES_PER_INTENT", default_value_t = TaxonomyLimits::default().max_examples_per_intent)]
+    pub max_examples_per_intent: usize,
+
+    /// Examples in one taxonomy, all intents together. Registration embeds each one.
+    #[arg(long, env = "PALAVER_MAX_TAXONOMY_EXAMPLES", default_value_t = TaxonomyLimits::default().max_examples)]
+    pub max_taxonomy_examples: usize,
+
+    /// Characters of one message to classify.
+    #[arg(long, env = "PALAVER_MAX_CLASSIFY_CHARS", default_value_t = IntentConfig::default().max_text_chars)]
+    pub max_classify_chars: usize,
+
+    /// Messages in one ClassifyIntentBatch call.
+    #[arg(long, env = "PALAVER_MAX_BATCH_TEXTS", default_value_t = IntentConfig::default().max_batch_texts)]
+    pub max_batch_texts: usize,
+}
+
+/// `$XDG_DATA_HOME/palaver/taxonomies`, else `~/.local/share/palaver/taxonomies`:
+/// registered taxonomies are data, not cache.
+pub fn default_store_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local").join("share")))
+        .unwrap_or_else(|| ".".into())
+        .join("palaver")
+        .join("taxonomies")
+}
+
+impl IntentArgs {
+    pub fn config(&self) -> IntentConfig {
+        IntentConfig {
+            limits: TaxonomyLimits {
+                max_intents: self.max_taxonomy_intents,
+                max_examples_per_intent: self.max_examples_per_intent,
+                max_examples: self.max_taxonomy_examples,
+                ..TaxonomyLimits::default()
+            },
+            train: TrainOptions { oos_quantile: self.oos_quantile.clamp(0.0, 1.0), ..TrainOptions::default() },
+            default_taxonomy: self.default_taxonomy.clone(),
+            max_text_chars: self.max_classify_chars,
+            max_batch_texts: self.max_batch_texts,
+            ..IntentConfig::default()
+        }
+    }
 }

@@ -8,7 +8,9 @@
 
 pub mod cli;
 pub mod config;
+pub mod encoder;
 pub mod eval;
+pub mod intent;
 pub mod llm;
 pub mod models;
 pub mod server;

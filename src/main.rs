@@ -1,6 +1,10 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use palaver::config::{ModelArgs, ServeArgs, SummarizeArgs};
+use palaver::config::{EncoderArgs, IntentArgs, ModelArgs, ServeArgs, SummarizeArgs};
+use palaver::eval::intent as intent_eval;
+use palaver::intent::head::Head;
+use palaver::intent::taxonomy::Taxonomy;
+use palaver::intent::TrainingSet;
 use palaver::eval::{check_note, rouge, LabelledThread, TweetSummDialog};
 use palaver::llm::{LlmHandle, ModelState};
 use palaver::models::{self, Manifest};
@@ -34,6 +38,11 @@ enum Command {
         #[command(flatten)]
         summarize: SummarizeArgs,
     },
+    /// Build taxonomy TOML files.
+    Taxonomy {
+        #[command(subcommand)]
+        command: TaxonomyCommand,
+    },
     /// Quality evaluations on public data.
     Eval {
         #[command(subcommand)]
@@ -60,7 +69,54 @@ enum ModelsCommand {
 }
 
 #[derive(Subcommand)]
+enum TaxonomyCommand {
+    /// A taxonomy from a labelled training split, k examples per intent, on stdout.
+    Build {
+        /// CSV (text|utterance, label|intent), JSONL ({"text", "label"}) or a JSON object of splits.
+        #[arg(long)]
+        data: PathBuf,
+        /// JSON keys to read, comma-separated (CLINC150: `train`).
+        #[arg(long)]
+        split: Option<String>,
+        /// Examples per intent, the first k in file order; all when absent.
+        #[arg(long)]
+        k: Option<usize>,
+        /// Out-of-scope rows to keep as "none of these" examples.
+        #[arg(long, default_value_t = 0)]
+        oos_examples: usize,
+        #[arg(long, default_value = "oos")]
+        oos_label: String,
+        #[arg(long, default_value = "evaluation")]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum EvalCommand {
+    /// Accuracy, macro-F1, out-of-scope precision/recall and confusions of a taxonomy on labelled data.
+    Intent {
+        /// Taxonomy TOML (see `palaver taxonomy build`).
+        #[arg(long)]
+        taxonomy: PathBuf,
+        /// Labelled messages: CSV, JSONL or a JSON object of splits.
+        #[arg(long)]
+        data: PathBuf,
+        /// JSON keys to read, comma-separated (CLINC150: `test,oos_test`).
+        #[arg(long)]
+        split: Option<String>,
+        /// Label of out-of-scope rows.
+        #[arg(long, default_value = "oos")]
+        oos_label: String,
+        /// Skip evaluation rows whose text is one of the taxonomy's examples.
+        #[arg(long)]
+        drop_seen: bool,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        encoder: EncoderArgs,
+        #[command(flatten)]
+        intent: IntentArgs,
+    },
     /// ROUGE-1/2/L of `summary` against TweetSumm's human summaries, and invented facts.
     Summaries {
         /// TweetSumm JSONL (conversation_id, abstractive_summaries, turns_exact).
@@ -115,6 +171,14 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Summarize { file, model, summarize } => rt.block_on(summarize_file(file, model, summarize)),
+        Command::Taxonomy { command: TaxonomyCommand::Build { data, split, k, oos_examples, oos_label, name } } => {
+            let rows = intent_eval::load_labelled(&data, split.as_deref(), &oos_label)?;
+            print!("{}", intent_eval::build_taxonomy(&name, &rows, k, oos_examples).to_toml());
+            Ok(())
+        }
+        Command::Eval { command: EvalCommand::Intent { taxonomy, data, split, oos_label, drop_seen, model, encoder, intent } } => {
+            rt.block_on(eval_intent(taxonomy, data, split, oos_label, drop_seen, model, encoder, intent))
+        }
         Command::Eval { command: EvalCommand::Summaries { data, limit, model, summarize } } => {
             rt.block_on(eval_summaries(data, limit, model, summarize))
         }
@@ -248,5 +312,71 @@ async fn eval_languages(data: PathBuf, model: ModelArgs, summarize: SummarizeArg
         eprintln!("{id}: {}", serde_json::to_string(&s.note)?);
     }
     println!("| all | | {}/{n} | {}/{n} | {}/{n} | {}/{n} | |", totals[0], totals[1], totals[2], totals[3]);
+    Ok(())
+}
+
+/// Embeds what is not cached yet, in chunks so progress shows and a crash keeps what was done.
+async fn embed_cached(
+    enc: &palaver::encoder::EncoderHandle,
+    cache: &mut intent_eval::EmbeddingCache,
+    texts: &[String],
+) -> Result<Vec<Vec<f32>>> {
+    let mut missing: Vec<String> = texts.iter().filter(|t| cache.get(t).is_none()).cloned().collect();
+    missing.sort();
+    missing.dedup();
+    let started = std::time::Instant::now();
+    for (i, chunk) in missing.chunks(512).enumerate() {
+        let (encoded, _) = enc.encode(chunk.to_vec()).await?;
+        cache.insert_all(chunk.iter().cloned().zip(encoded.into_iter().map(|e| e.embedding)).collect())?;
+        let done = (i * 512 + chunk.len()) as f64;
+        eprintln!("embedded {done}/{} ({:.0} messages/s)", missing.len(), done / started.elapsed().as_secs_f64());
+    }
+    Ok(texts.iter().map(|t| cache.get(t).expect("embedded above").clone()).collect())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn eval_intent(
+    taxonomy: PathBuf,
+    data: PathBuf,
+    split: Option<String>,
+    oos_label: String,
+    drop_seen: bool,
+    model: ModelArgs,
+    encoder: EncoderArgs,
+    intent: IntentArgs,
+) -> Result<()> {
+    model.init_threads();
+    let tax = Taxonomy::from_file(&taxonomy)?.normalise_and_validate(&intent.config().limits)?;
+    let mut rows = intent_eval::load_labelled(&data, split.as_deref(), &oos_label)?;
+    let set = TrainingSet::of(&tax);
+    if drop_seen {
+        let seen: std::collections::HashSet<&String> = set.texts.iter().collect();
+        let before = rows.len();
+        rows.retain(|r| !seen.contains(&r.text));
+        eprintln!("dropped {} evaluation rows that are taxonomy examples", before - rows.len());
+    }
+    let labels: std::collections::HashSet<&str> = tax.intents.iter().map(|i| i.label.as_str()).collect();
+    if let Some(r) = rows.iter().find(|r| r.label.as_deref().is_some_and(|l| !labels.contains(l))) {
+        bail!("{}: label `{}` is not an intent of taxonomy `{}`", data.display(), r.label.as_deref().unwrap_or_default(), tax.name);
+    }
+    let (m, e) = (model.clone(), encoder.clone());
+    let enc = tokio::task::spawn_blocking(move || e.spawn(&m)).await?.map_err(|e| anyhow::anyhow!(e))?;
+    if let ModelState::Failed(e) = enc.wait_loaded().await {
+        bail!("encoder failed to load: {e}");
+    }
+    let mut cache = intent_eval::EmbeddingCache::open(&model.models_dir.join("..").join("embeddings"), enc.id())?;
+    let train_x = embed_cached(&enc, &mut cache, &set.texts).await?;
+    let test_texts: Vec<String> = rows.iter().map(|r| r.text.clone()).collect();
+    let test_x = embed_cached(&enc, &mut cache, &test_texts).await?;
+    let opts = intent.config().train;
+    let started = std::time::Instant::now();
+    let head = Head::train(&train_x, &set.y, set.labels, set.has_none, opts);
+    let truth: Vec<Option<String>> = rows.into_iter().map(|r| r.label).collect();
+    println!("taxonomy {} ({} intents, {} examples, out-of-scope examples: {})", tax.name, tax.intents.len(), set.y.len(), tax.out_of_scope.len());
+    println!(
+        "encoder {}; head trained in {:.2} s: cross-validated accuracy {:.2}%, alpha {}, temperature {:.4}, threshold {:.3} (quantile {})",
+        enc.id(), started.elapsed().as_secs_f64(), 100.0 * head.cv_accuracy.unwrap_or(f32::NAN), head.alpha, head.temperature, head.threshold, opts.oos_quantile
+    );
+    print!("{}", intent_eval::evaluate(&head, &test_x, &truth));
     Ok(())
 }

@@ -85,6 +85,9 @@ pub struct ModelSpec {
     /// When present, the files are chunks of one file with this hash.
     pub joined_sha256: Option<String>,
     pub joined_size: Option<u64>,
+    /// Encoders: text put before every message (E5 wants `query: `).
+    #[serde(default)]
+    pub query_prefix: String,
     pub files: Vec<FileSpec>,
 }
 
@@ -130,6 +133,50 @@ pub struct LlmFiles {
 /// Where prepared files of a manifest model live.
 pub fn model_dir(models_dir: &Path, name: &str) -> PathBuf {
     models_dir.join(name)
+}
+
+/// The files a loaded sentence encoder needs.
+#[derive(Debug, Clone)]
+pub struct EncoderFiles {
+    pub id: String,
+    pub config: PathBuf,
+    pub weights: PathBuf,
+    pub tokenizer: PathBuf,
+    pub query_prefix: String,
+}
+
+pub const DEFAULT_ENCODER: &str = "multilingual-e5-small";
+
+/// Resolves an encoder reference: a manifest name (prepared, verified) or a
+/// folder with config.json, model.safetensors and tokenizer.json (prefix-free).
+pub fn resolve_encoder(reference: &str, models_dir: &Path) -> Result<EncoderFiles> {
+    let as_path = Path::new(reference);
+    let (id, dir, query_prefix) = if as_path.is_dir() {
+        let id = as_path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        (id, as_path.to_path_buf(), String::new())
+    } else {
+        let manifest = Manifest::embedded()?;
+        let spec = manifest.get(reference)?;
+        if spec.kind != "encoder" {
+            return Err(ModelsError::Unknown(reference.into(), "it is a language model, not an encoder".into()));
+        }
+        let dir = model_dir(models_dir, &spec.name);
+        verify_prepared(&dir).map_err(|_| ModelsError::NotPrepared(spec.name.clone(), dir.clone()))?;
+        (spec.name.clone(), dir, spec.query_prefix.clone())
+    };
+    let files = EncoderFiles {
+        id,
+        config: dir.join("config.json"),
+        weights: dir.join("model.safetensors"),
+        tokenizer: dir.join(TOKENIZER_JSON),
+        query_prefix,
+    };
+    for p in [&files.config, &files.weights, &files.tokenizer] {
+        if !p.is_file() {
+            return Err(ModelsError::NotPrepared(reference.into(), p.clone()));
+        }
+    }
+    Ok(files)
 }
 
 pub const PREPARED_GGUF: &str = "model.gguf";

@@ -2,6 +2,8 @@
 //! count of invented facts, through the same pipeline the service runs.
 
 use crate::summarize::thread::{Message, Role, SummarizeInput, Thread};
+pub mod intent;
+
 use serde::Deserialize;
 use std::collections::HashMap;
 

@@ -1,0 +1,47 @@
+//! Encoder throughput: messages/s at batch 1, 8, 32 and 128 on short support
+//! messages (about 24 tokens), straight on the model (no queue, no gRPC).
+//!
+//!   cargo bench --bench encoder                   # multilingual-e5-small
+//!   PALAVER_BENCH_ENCODER=all-minilm-l6-v2 cargo bench --bench encoder
+//!
+//! benches/torch_encoder.py measures PyTorch on the same safetensors.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use palaver::encoder::{Encoder, TextEncoder};
+use palaver::models::{self, FetchOptions};
+use std::hint::black_box;
+
+/// Team-written support messages of 20-30 tokens, in several languages.
+pub const MESSAGES: &[&str] = &[
+    "Hi, my order was supposed to arrive on Monday and the tracking still says it is at the warehouse",
+    "Olá, paguei o boleto ontem mas o pedido continua aparecendo como aguardando pagamento no aplicativo",
+    "Hola, me cobraron dos veces la misma compra en la tarjeta, necesito que me devuelvan uno de los cargos",
+    "Здравствуйте, я хочу отменить подписку, но в личном кабинете нет кнопки отмены, помогите пожалуйста",
+    "Добрий день, не можу увійти в акаунт, пароль не приймає, а лист для відновлення не приходить",
+    "नमस्ते, मेरा रिफंड अभी तक मेरे खाते में नहीं आया है, कृपया बताइए कि इसमें कितना समय लगेगा",
+    "Can I change the delivery address for my order? I moved last week and forgot to update it before paying",
+    "Quero falar com um atendente humano, o robô não entende o que eu preciso e já perdi muito tempo aqui",
+];
+
+fn bench(c: &mut Criterion) {
+    let name = std::env::var("PALAVER_BENCH_ENCODER").unwrap_or_else(|_| models::DEFAULT_ENCODER.into());
+    let dir = std::env::var_os("PALAVER_MODELS_DIR").map(Into::into).unwrap_or_else(models::default_models_dir);
+    models::fetch_models(&[name.as_str()], &FetchOptions::new(dir.clone())).expect("fetch");
+    let files = models::resolve_encoder(&name, &dir).expect("resolve");
+    let enc = Encoder::load(&files, &candle_core::Device::Cpu).expect("load");
+    let text = TextEncoder::new(&files, 512).expect("tokenizer");
+    let ids: Vec<Vec<u32>> = MESSAGES.iter().map(|m| text.tokenize(m).unwrap()).collect();
+    let mean = ids.iter().map(|i| i.len()).sum::<usize>() as f64 / ids.len() as f64;
+    eprintln!("{name}: mean {mean:.1} tokens per message");
+    let mut g = c.benchmark_group(format!("encode/{name}"));
+    g.sample_size(10);
+    for batch in [1usize, 8, 32, 128] {
+        let seqs: Vec<&[u32]> = (0..batch).map(|i| ids[i % ids.len()].as_slice()).collect();
+        g.throughput(Throughput::Elements(batch as u64));
+        g.bench_function(format!("batch{batch}"), |b| b.iter(|| black_box(enc.embed(&seqs).unwrap())));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
