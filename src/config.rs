@@ -143,6 +143,12 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub summarize: SummarizeArgs,
+
+    #[command(flatten)]
+    pub encoder: EncoderArgs,
+
+    #[command(flatten)]
+    pub intent: IntentArgs,
 }
 
 /// The sentence encoder behind intents and sentiment, and how it batches.

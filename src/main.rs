@@ -110,6 +110,9 @@ enum EvalCommand {
         /// Skip evaluation rows whose text is one of the taxonomy's examples.
         #[arg(long)]
         drop_seen: bool,
+        /// Rename a label of the data, FROM=TO (datasets that spell one intent two ways). Repeatable.
+        #[arg(long, value_parser = parse_rename)]
+        rename: Vec<(String, String)>,
         #[command(flatten)]
         model: ModelArgs,
         #[command(flatten)]
@@ -176,8 +179,8 @@ fn main() -> Result<()> {
             print!("{}", intent_eval::build_taxonomy(&name, &rows, k, oos_examples).to_toml());
             Ok(())
         }
-        Command::Eval { command: EvalCommand::Intent { taxonomy, data, split, oos_label, drop_seen, model, encoder, intent } } => {
-            rt.block_on(eval_intent(taxonomy, data, split, oos_label, drop_seen, model, encoder, intent))
+        Command::Eval { command: EvalCommand::Intent { taxonomy, data, split, oos_label, drop_seen, rename, model, encoder, intent } } => {
+            rt.block_on(eval_intent(taxonomy, data, split, oos_label, drop_seen, rename, model, encoder, intent))
         }
         Command::Eval { command: EvalCommand::Summaries { data, limit, model, summarize } } => {
             rt.block_on(eval_summaries(data, limit, model, summarize))
@@ -197,17 +200,28 @@ async fn load(model: &ModelArgs, summarize: &SummarizeArgs) -> Result<Summarizer
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
+    // Bad taxonomy files fail the start, not the first request.
+    let startup = palaver::intent::taxonomy::load_paths(&args.intent.taxonomies)?;
+    let limits = args.intent.config().limits;
+    for t in &startup {
+        t.clone().normalise_and_validate(&limits).with_context(|| format!("taxonomy `{}`", t.name))?;
+    }
     let summarizer = load(&args.model, &args.summarize).await?;
+    let (m, e) = (args.model.clone(), args.encoder.clone());
+    let encoder = tokio::task::spawn_blocking(move || e.spawn(&m)).await?.map_err(|e| anyhow::anyhow!(e))?;
+    let store = palaver::intent::store::DirStore::open(&args.intent.taxonomy_store)?;
+    let intents = palaver::intent::Intents::new(encoder, Box::new(store), args.intent.config());
     let listener = tokio::net::TcpListener::bind(args.addr).await.with_context(|| format!("binding {}", args.addr))?;
     let opts = ServeOptions {
         max_concurrent_requests: args.max_concurrent_requests,
         max_request_bytes: args.max_request_bytes,
+        startup_taxonomies: startup,
     };
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutting down");
     };
-    server::serve(listener, summarizer, opts, shutdown).await?;
+    server::serve(listener, summarizer, intents, opts, shutdown).await?;
     Ok(())
 }
 
@@ -341,6 +355,7 @@ async fn eval_intent(
     split: Option<String>,
     oos_label: String,
     drop_seen: bool,
+    rename: Vec<(String, String)>,
     model: ModelArgs,
     encoder: EncoderArgs,
     intent: IntentArgs,
@@ -348,6 +363,11 @@ async fn eval_intent(
     model.init_threads();
     let tax = Taxonomy::from_file(&taxonomy)?.normalise_and_validate(&intent.config().limits)?;
     let mut rows = intent_eval::load_labelled(&data, split.as_deref(), &oos_label)?;
+    for r in rows.iter_mut() {
+        if let Some((_, to)) = rename.iter().find(|(from, _)| r.label.as_deref() == Some(from.as_str())) {
+            r.label = Some(to.clone());
+        }
+    }
     let set = TrainingSet::of(&tax);
     if drop_seen {
         let seen: std::collections::HashSet<&String> = set.texts.iter().collect();
@@ -379,4 +399,8 @@ async fn eval_intent(
     );
     print!("{}", intent_eval::evaluate(&head, &test_x, &truth));
     Ok(())
+}
+
+fn parse_rename(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| format!("`{s}`: expected FROM=TO"))
 }

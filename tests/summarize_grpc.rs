@@ -251,7 +251,7 @@ async fn overload_fails_fast_and_cancellation_frees_the_slot() {
     let s = TestServer::start(
         llm_files(models::FIXTURE_LLM),
         SummarizeConfig::default(),
-        ServeOptions { max_concurrent_requests: 1, max_request_bytes: 4 << 20 },
+        ServeOptions { max_concurrent_requests: 1, ..common::default_opts() },
     );
     s.wait_serving().await;
     let req = thread("busy", &[(Customer, "Please write me a very long story about my lost parcel."), (Agent, "Sure.")]);

@@ -144,8 +144,9 @@ pub fn evaluate(head: &Head, x: &[Vec<f32>], truth: &[Option<String>]) -> Report
     let mut fp: HashMap<String, usize> = HashMap::new();
     let mut fnn: HashMap<String, usize> = HashMap::new();
     let mut confusions: HashMap<(String, String), usize> = HashMap::new();
-    for (v, t) in x.iter().zip(truth) {
-        let p = head.predict(v);
+    use rayon::prelude::*;
+    let preds: Vec<_> = x.par_iter().map(|v| head.predict(v)).collect();
+    for (p, t) in preds.into_iter().zip(truth) {
         let top = head.labels[p.ranked[0].0].clone();
         let predicted = if p.out_of_scope { OOS.to_string() } else { top.clone() };
         let expected = t.clone().unwrap_or_else(|| OOS.to_string());

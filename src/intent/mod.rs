@@ -157,6 +157,8 @@ struct Inner {
     /// Serialises registrations so the store and the registry agree.
     writes: tokio::sync::Mutex<()>,
     cfg: IntentConfig,
+    /// Loading until `init` has registered the built-in heads.
+    state: tokio::sync::watch::Sender<ModelState>,
 }
 
 /// Text fed to the encoder for a thread: the customer's turns since the last
@@ -185,6 +187,7 @@ impl Intents {
                 registry: RwLock::new(HashMap::new()),
                 writes: tokio::sync::Mutex::new(()),
                 cfg,
+                state: tokio::sync::watch::Sender::new(ModelState::Loading),
             }),
         }
     }
@@ -201,6 +204,36 @@ impl Intents {
     /// another encoder), registers the built-in sentiment head, the default
     /// taxonomy if absent, and the `--taxonomy` files.
     pub async fn init(&self, startup: Vec<Taxonomy>) -> Result<(), IntentError> {
+        let result = self.init_inner(startup).await;
+        let state = match &result {
+            Ok(()) => ModelState::Ready { context: self.inner.encoder.max_tokens() },
+            Err(e) => ModelState::Failed(e.to_string()),
+        };
+        self.inner.state.send_replace(state);
+        result
+    }
+
+    pub fn state(&self) -> ModelState {
+        self.inner.state.borrow().clone()
+    }
+
+    /// Resolves once `init` has finished, well or not.
+    pub async fn wait_ready(&self) -> ModelState {
+        let mut rx = self.inner.state.subscribe();
+        let _ = rx.wait_for(|s| *s != ModelState::Loading).await;
+        let s = rx.borrow().clone();
+        s
+    }
+
+    fn check_ready(&self) -> Result<(), IntentError> {
+        match self.state() {
+            ModelState::Ready { .. } => Ok(()),
+            ModelState::Loading => Err(IntentError::Unavailable("intents are starting: the encoder is loading or the built-in taxonomies are training; retry shortly".into())),
+            ModelState::Failed(e) => Err(IntentError::Unavailable(format!("intents are unavailable: {e}"))),
+        }
+    }
+
+    async fn init_inner(&self, startup: Vec<Taxonomy>) -> Result<(), IntentError> {
         if let ModelState::Failed(e) = self.inner.encoder.wait_loaded().await {
             return Err(IntentError::Unavailable(format!("encoder failed to load: {e}")));
         }
@@ -220,11 +253,11 @@ impl Intents {
         self.register(Taxonomy { name: SENTIMENT.into(), ..sentiment }, true).await?;
         let default = Taxonomy::from_toml(DEFAULT_TAXONOMY_TOML)?;
         if self.lookup(&default.name).is_none() {
-            self.put(default).await?;
+            self.register(default.normalise_and_validate(&self.inner.cfg.limits)?, false).await?;
         }
         for t in startup {
             let name = t.name.clone();
-            let (_, created) = self.put(t).await?;
+            let (_, created) = self.register(t.normalise_and_validate(&self.inner.cfg.limits)?, false).await?;
             tracing::info!(taxonomy = %name, trained = created, "taxonomy from file");
         }
         Ok(())
@@ -237,6 +270,7 @@ impl Intents {
     /// Validates, trains and stores. Returns the stored entry and whether
     /// anything changed (an identical taxonomy is not trained again).
     pub async fn put(&self, t: Taxonomy) -> Result<(Arc<Stored>, bool), IntentError> {
+        self.check_ready()?;
         let t = t.normalise_and_validate(&self.inner.cfg.limits)?;
         self.register(t, false).await
     }
@@ -277,6 +311,7 @@ impl Intents {
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<Stored>, IntentError> {
+        self.check_ready()?;
         taxonomy::validate_name("name", name)?;
         self.lookup(name)
             .filter(|s| s.taxonomy.name != SENTIMENT)
@@ -284,14 +319,16 @@ impl Intents {
     }
 
     /// Registered taxonomies by name (the built-in sentiment head is not one).
-    pub fn list(&self) -> Vec<Arc<Stored>> {
+    pub fn list(&self) -> Result<Vec<Arc<Stored>>, IntentError> {
+        self.check_ready()?;
         let mut all: Vec<_> =
             self.inner.registry.read().expect("registry lock").values().filter(|s| s.taxonomy.name != SENTIMENT).cloned().collect();
         all.sort_by(|a, b| a.taxonomy.name.cmp(&b.taxonomy.name));
-        all
+        Ok(all)
     }
 
     pub async fn delete(&self, name: &str) -> Result<bool, IntentError> {
+        self.check_ready()?;
         taxonomy::validate_name("name", name)?;
         if name.starts_with("palaver.") {
             return Err(invalid("name", "names starting with `palaver.` are reserved"));
@@ -337,6 +374,7 @@ impl Intents {
 
     /// Checks a request without doing any work, so bad input fails before admission.
     pub fn validate(&self, input: &ClassifyInput) -> Result<(), IntentError> {
+        self.check_ready()?;
         self.check_top_k(input.top_k)?;
         self.resolve(input.taxonomy.as_deref(), "taxonomy")?;
         match &input.source {
@@ -366,6 +404,7 @@ impl Intents {
 
     /// Many messages against one taxonomy: they share the encoder's batches.
     pub async fn classify_batch(&self, texts: Vec<String>, taxonomy: Option<&str>, top_k: usize) -> Result<Vec<Classification>, IntentError> {
+        self.check_ready()?;
         let max = self.inner.cfg.max_batch_texts;
         if texts.is_empty() {
             return Err(invalid("texts", "is empty"));

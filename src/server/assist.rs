@@ -4,7 +4,10 @@
 use crate::proto::v1 as pb;
 use crate::summarize::parse::Status as NoteStatus;
 use crate::summarize::thread::{invalid, Message, Role, SummarizeInput, Thread};
+use super::classify::{classify_one, log_classified, to_classify_input, to_classify_response};
+use crate::intent::Intents;
 use crate::summarize::{StreamEvent, SummarizeError, Summarizer, Summary};
+use tokio_stream::StreamExt;
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -13,13 +16,16 @@ use tonic::{Request, Response, Status};
 
 pub struct AssistService {
     summarizer: Summarizer,
+    intents: Intents,
     admission: Arc<Semaphore>,
     max_concurrent: usize,
+    /// Requests a ClassifyIntentStream classifies at once.
+    stream_window: usize,
 }
 
 impl AssistService {
-    pub fn new(summarizer: Summarizer, max_concurrent: usize) -> Self {
-        Self { summarizer, admission: Arc::new(Semaphore::new(max_concurrent)), max_concurrent }
+    pub fn new(summarizer: Summarizer, intents: Intents, max_concurrent: usize) -> Self {
+        Self { summarizer, intents, admission: Arc::new(Semaphore::new(max_concurrent)), max_concurrent, stream_window: 64 }
     }
 
     /// Fails fast: an overloaded server says so rather than queueing without bound.
@@ -41,7 +47,15 @@ impl AssistService {
 
 /// Converts the wire request; rejects what the domain types cannot express.
 pub fn to_input(req: pb::SummarizeRequest) -> Result<SummarizeInput, SummarizeError> {
-    let thread = req.thread.ok_or_else(|| invalid("thread", "missing"))?;
+    let thread = to_thread(req.thread.ok_or_else(|| invalid("thread", "missing"))?)?;
+    Ok(SummarizeInput {
+        thread,
+        language: (!req.language.trim().is_empty()).then(|| req.language.trim().to_string()),
+        max_words: (req.max_words != 0).then_some(req.max_words),
+    })
+}
+
+pub fn to_thread(thread: pb::Thread) -> Result<Thread, SummarizeError> {
     let messages = thread
         .messages
         .into_iter()
@@ -68,11 +82,7 @@ pub fn to_input(req: pb::SummarizeRequest) -> Result<SummarizeInput, SummarizeEr
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(SummarizeInput {
-        thread: Thread { id: thread.thread_id, messages },
-        language: (!req.language.trim().is_empty()).then(|| req.language.trim().to_string()),
-        max_words: (req.max_words != 0).then_some(req.max_words),
-    })
+    Ok(Thread { id: thread.thread_id, messages })
 }
 
 pub fn to_response(s: Summary) -> pb::SummarizeResponse {
@@ -123,6 +133,7 @@ pub fn to_response(s: Summary) -> pb::SummarizeResponse {
     }
 }
 
+type ClassifyStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ClassifyIntentResponse, Status>> + Send>>;
 type ChunkStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::SummarizeChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -134,6 +145,31 @@ impl pb::assist_server::Assist for AssistService {
         let summary = self.summarizer.summarize(input, None).await?;
         log_done(&summary);
         Ok(Response::new(to_response(summary)))
+    }
+
+    async fn classify_intent(&self, req: Request<pb::ClassifyIntentRequest>) -> Result<Response<pb::ClassifyIntentResponse>, Status> {
+        Ok(Response::new(self.classify_intent_impl(req.into_inner()).await?))
+    }
+
+    async fn classify_intent_batch(
+        &self,
+        req: Request<pb::ClassifyIntentBatchRequest>,
+    ) -> Result<Response<pb::ClassifyIntentBatchResponse>, Status> {
+        Ok(Response::new(self.classify_batch_impl(req.into_inner()).await?))
+    }
+
+    type ClassifyIntentStreamStream = ClassifyStream;
+
+    async fn classify_intent_stream(
+        &self,
+        req: Request<tonic::Streaming<pb::ClassifyIntentRequest>>,
+    ) -> Result<Response<ClassifyStream>, Status> {
+        let permit = self.admit()?;
+        Ok(Response::new(self.classify_stream_impl(req.into_inner(), permit)))
+    }
+
+    async fn analyze(&self, req: Request<pb::AnalyzeRequest>) -> Result<Response<pb::AnalyzeResponse>, Status> {
+        Ok(Response::new(self.analyze_impl(req.into_inner()).await?))
     }
 
     type SummarizeStreamStream = ChunkStream;
@@ -175,6 +211,94 @@ impl pb::assist_server::Assist for AssistService {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+impl AssistService {
+    async fn classify_intent_impl(&self, req: pb::ClassifyIntentRequest) -> Result<pb::ClassifyIntentResponse, Status> {
+        let request_id = req.request_id.clone();
+        let input = to_classify_input(req)?;
+        self.intents.validate(&input)?;
+        let _permit = self.admit()?;
+        let c = self.intents.classify(input).await?;
+        log_classified(&c);
+        Ok(to_classify_response(c, self.intents.encoder().id(), request_id))
+    }
+
+    async fn classify_batch_impl(&self, req: pb::ClassifyIntentBatchRequest) -> Result<pb::ClassifyIntentBatchResponse, Status> {
+        let _permit = self.admit()?;
+        let taxonomy = Some(req.taxonomy).filter(|t| !t.is_empty());
+        let all = self.intents.classify_batch(req.texts, taxonomy.as_deref(), req.top_k as usize).await?;
+        let model = self.intents.encoder().id();
+        Ok(pb::ClassifyIntentBatchResponse {
+            results: all.into_iter().enumerate().map(|(i, c)| to_classify_response(c, model, i.to_string())).collect(),
+        })
+    }
+
+    /// Keeps up to `stream_window` requests in flight and answers in request
+    /// order; a slow reader stops the reading of new requests (backpressure).
+    fn classify_stream_impl(&self, input: tonic::Streaming<pb::ClassifyIntentRequest>, permit: OwnedSemaphorePermit) -> ClassifyStream {
+        let intents = self.intents.clone();
+        let window = self.stream_window;
+        let (tx, rx) = mpsc::channel::<Result<pb::ClassifyIntentResponse, Status>>(window);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut input = input;
+            let mut in_flight = futures_ordered();
+            let mut input_done = false;
+            loop {
+                tokio::select! {
+                    req = input.next(), if !input_done && in_flight.len() < window => match req {
+                        Some(Ok(req)) => {
+                            let intents = intents.clone();
+                            in_flight.push_back(Box::pin(async move { classify_one(&intents, req).await }));
+                        }
+                        Some(Err(status)) => {
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
+                        None => input_done = true,
+                    },
+                    Some(resp) = in_flight.next(), if !in_flight.is_empty() => {
+                        if tx.send(Ok(resp)).await.is_err() {
+                            return; // client gone
+                        }
+                    }
+                    else => break,
+                }
+                if input_done && in_flight.is_empty() {
+                    break;
+                }
+            }
+        });
+        Box::pin(ReceiverStream::new(rx))
+    }
+
+    async fn analyze_impl(&self, req: pb::AnalyzeRequest) -> Result<pb::AnalyzeResponse, Status> {
+        let started = std::time::Instant::now();
+        let summarize = to_input(pb::SummarizeRequest { thread: req.thread, language: req.language, max_words: req.max_words })?;
+        let classify = crate::intent::ClassifyInput {
+            source: crate::intent::Source::Thread(summarize.thread.clone()),
+            taxonomy: Some(req.taxonomy).filter(|t| !t.is_empty()),
+            top_k: req.top_k as usize,
+        };
+        self.summarizer.validate(&summarize)?;
+        self.intents.validate(&classify)?;
+        let _permit = self.admit()?;
+        let (summary, intent) = tokio::join!(self.summarizer.summarize(summarize, None), self.intents.classify(classify));
+        let (summary, intent) = (summary?, intent?);
+        log_done(&summary);
+        Ok(pb::AnalyzeResponse {
+            summary: Some(to_response(summary)),
+            intent: Some(to_classify_response(intent, self.intents.encoder().id(), String::new())),
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+}
+
+type PendingClassify = Pin<Box<dyn std::future::Future<Output = pb::ClassifyIntentResponse> + Send>>;
+
+fn futures_ordered() -> futures_util::stream::FuturesOrdered<PendingClassify> {
+    futures_util::stream::FuturesOrdered::new()
 }
 
 fn log_done(s: &Summary) {

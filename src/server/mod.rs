@@ -2,12 +2,18 @@
 //! reflection (so grpcurl works without the proto files).
 
 mod assist;
+mod classify;
 mod status;
+mod taxonomies;
 
-pub use assist::{to_input, to_response, AssistService};
+pub use assist::{to_input, to_response, to_thread, AssistService};
+pub use taxonomies::{from_wire as taxonomy_from_wire, to_wire as taxonomy_to_wire, TaxonomiesService};
 
 use crate::llm::ModelState;
+use crate::intent::taxonomy::Taxonomy;
+use crate::intent::Intents;
 use crate::proto::v1::assist_server::AssistServer;
+use crate::proto::v1::taxonomies_server::TaxonomiesServer;
 use crate::summarize::Summarizer;
 use std::future::Future;
 use tokio::net::TcpListener;
@@ -25,27 +31,40 @@ pub enum ServerError {
 pub struct ServeOptions {
     pub max_concurrent_requests: usize,
     pub max_request_bytes: usize,
+    /// Registered (or confirmed unchanged) once the encoder is loaded.
+    pub startup_taxonomies: Vec<Taxonomy>,
 }
 
-/// Serves until `shutdown` resolves. The model may still be loading: health
-/// says NOT_SERVING and requests get UNAVAILABLE until it is ready.
+/// Serves until `shutdown` resolves. The models may still be loading: health
+/// says NOT_SERVING and requests get UNAVAILABLE until they are ready.
+/// `palaver.v1.Taxonomies` serves once the encoder and the built-in
+/// taxonomies are ready; `palaver.v1.Assist` (and "") once the summarizer is too.
 pub async fn serve(
     listener: TcpListener,
     summarizer: Summarizer,
+    intents: Intents,
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_not_serving::<AssistServer<AssistService>>().await;
+    health.set_not_serving::<TaxonomiesServer<TaxonomiesService>>().await;
     health.set_service_status("", ServingStatus::NotServing).await;
     let llm = summarizer.llm().clone();
+    let init = intents.clone();
+    let startup = opts.startup_taxonomies.clone();
     tokio::spawn(async move {
+        if let Err(e) = init.init(startup).await {
+            tracing::error!(error = %e, "intents unavailable; Taxonomies stays NOT_SERVING");
+            return;
+        }
+        health.set_serving::<TaxonomiesServer<TaxonomiesService>>().await;
         match llm.wait_loaded().await {
             ModelState::Ready { .. } => {
                 health.set_serving::<AssistServer<AssistService>>().await;
                 health.set_service_status("", ServingStatus::Serving).await;
             }
-            other => tracing::error!(state = ?other, "summarizer unavailable; health stays NOT_SERVING"),
+            other => tracing::error!(state = ?other, "summarizer unavailable; Assist stays NOT_SERVING"),
         }
     });
 
@@ -55,8 +74,9 @@ pub async fn serve(
         .build_v1()
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
-    let assist = AssistServer::new(AssistService::new(summarizer, opts.max_concurrent_requests))
+    let assist = AssistServer::new(AssistService::new(summarizer, intents.clone(), opts.max_concurrent_requests))
         .max_decoding_message_size(opts.max_request_bytes);
+    let taxonomies = TaxonomiesServer::new(TaxonomiesService::new(intents)).max_decoding_message_size(opts.max_request_bytes);
 
     tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
     tonic::transport::Server::builder()
@@ -64,6 +84,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(assist)
+        .add_service(taxonomies)
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())

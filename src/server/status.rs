@@ -1,5 +1,6 @@
 //! The one place where errors become gRPC statuses.
 
+use crate::intent::IntentError;
 use crate::summarize::SummarizeError;
 use http::HeaderMap;
 use http_body::{Body, Frame};
@@ -17,6 +18,20 @@ impl From<SummarizeError> for Status {
             SummarizeError::Internal(_) => Code::Internal,
         };
         Status::new(code, e.to_string())
+    }
+}
+
+impl From<IntentError> for Status {
+    fn from(e: IntentError) -> Self {
+        use crate::encoder::EncoderError;
+        match &e {
+            IntentError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
+            IntentError::NotFound { .. } => Status::not_found(e.to_string()),
+            IntentError::Unavailable(_) | IntentError::Encoder(EncoderError::Load(_) | EncoderError::WorkerGone) => {
+                Status::unavailable(e.to_string())
+            }
+            IntentError::Store(_) | IntentError::Encoder(_) => Status::internal(e.to_string()),
+        }
     }
 }
 

@@ -1,0 +1,75 @@
+//! The encoder on the real multilingual-e5-small weights: a text embedded in a
+//! padded batch equals the text embedded alone, concurrent callers share
+//! forward passes, and translations land close together.
+
+mod common;
+
+use palaver::encoder::dot;
+
+const TEXTS: &[&str] = &[
+    "where is my order?",
+    "Olá, paguei o boleto ontem mas o pedido continua aparecendo como aguardando pagamento no aplicativo, podem verificar?",
+    "Здравствуйте, я хочу отменить подписку",
+    "नमस्ते, मेरा रिफंड अभी तक नहीं आया",
+    "hi",
+    "Hola, me cobraron dos veces la misma compra en la tarjeta y necesito que me devuelvan uno de los cargos lo antes posible por favor",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_embeddings_equal_single_ones() {
+    let enc = common::encoder();
+    enc.wait_loaded().await;
+    let mut alone = Vec::new();
+    for t in TEXTS {
+        let (e, timings) = enc.encode(vec![t.to_string()]).await.unwrap();
+        assert_eq!(timings.batch_size, 1);
+        let norm: f32 = dot(&e[0].embedding, &e[0].embedding);
+        assert!((norm - 1.0).abs() < 1e-4, "not unit length: {norm}");
+        alone.push(e.into_iter().next().unwrap().embedding);
+    }
+    // Every text again, 4 copies each, from concurrent callers: padded batches.
+    let before = enc.stats();
+    let calls: Vec<_> = (0..4)
+        .flat_map(|_| TEXTS.iter().map(|t| t.to_string()))
+        .map(|t| {
+            let enc = enc.clone();
+            tokio::spawn(async move { enc.encode(vec![t]).await.unwrap() })
+        })
+        .collect();
+    let mut max_batch = 0;
+    for (i, call) in calls.into_iter().enumerate() {
+        let (e, timings) = call.await.unwrap();
+        max_batch = max_batch.max(timings.batch_size);
+        let cos = dot(&e[0].embedding, &alone[i % TEXTS.len()]);
+        assert!(cos > 0.999, "text {} batched vs alone: cosine {cos}", i % TEXTS.len());
+    }
+    let after = enc.stats();
+    assert!(max_batch > 1, "concurrent callers never shared a batch");
+    assert!(after.batches - before.batches < 24, "{before:?} -> {after:?}");
+    // One call with many texts is batched as well.
+    let (many, timings) = enc.encode(TEXTS.iter().map(|t| t.to_string()).collect()).await.unwrap();
+    assert_eq!(timings.batch_size, TEXTS.len());
+    for (m, a) in many.iter().zip(&alone) {
+        assert!(dot(&m.embedding, a) > 0.999);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn translations_are_closer_than_unrelated_messages() {
+    let enc = common::encoder();
+    enc.wait_loaded().await;
+    let texts = ["I want a refund for my order", "quero o reembolso do meu pedido", "верните деньги за мой заказ", "what time does the football match start"];
+    let (e, _) = enc.encode(texts.iter().map(|t| t.to_string()).collect()).await.unwrap();
+    let (pt, ru, other) = (dot(&e[0].embedding, &e[1].embedding), dot(&e[0].embedding, &e[2].embedding), dot(&e[0].embedding, &e[3].embedding));
+    assert!(pt > other + 0.05 && ru > other + 0.05, "pt {pt}, ru {ru}, unrelated {other}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_texts_are_cut_at_the_token_limit() {
+    let enc = common::encoder();
+    enc.wait_loaded().await;
+    let long = "my parcel is late ".repeat(400);
+    let (e, _) = enc.encode(vec![long]).await.unwrap();
+    assert_eq!(e[0].tokens, enc.max_tokens());
+    assert_eq!(e[0].embedding.len(), 384);
+}
