@@ -11,17 +11,9 @@ use palaver::encoder::{Encoder, TextEncoder};
 use palaver::models::{self, FetchOptions};
 use std::hint::black_box;
 
-/// Team-written support messages of 20-30 tokens, in several languages.
-pub const MESSAGES: &[&str] = &[
-    "Hi, my order was supposed to arrive on Monday and the tracking still says it is at the warehouse",
-    "Olá, paguei o boleto ontem mas o pedido continua aparecendo como aguardando pagamento no aplicativo",
-    "Hola, me cobraron dos veces la misma compra en la tarjeta, necesito que me devuelvan uno de los cargos",
-    "Здравствуйте, я хочу отменить подписку, но в личном кабинете нет кнопки отмены, помогите пожалуйста",
-    "Добрий день, не можу увійти в акаунт, пароль не приймає, а лист для відновлення не приходить",
-    "नमस्ते, मेरा रिफंड अभी तक मेरे खाते में नहीं आया है, कृपया बताइए कि इसमें कितना समय लगेगा",
-    "Can I change the delivery address for my order? I moved last week and forgot to update it before paying",
-    "Quero falar com um atendente humano, o robô não entende o que eu preciso e já perdi muito tempo aqui",
-];
+/// Team-written support messages of 20-30 tokens, in several languages;
+/// benches/torch_encoder.py reads the same file.
+const MESSAGES: &str = include_str!("messages.txt");
 
 fn bench(c: &mut Criterion) {
     let name = std::env::var("PALAVER_BENCH_ENCODER").unwrap_or_else(|_| models::DEFAULT_ENCODER.into());
@@ -30,7 +22,7 @@ fn bench(c: &mut Criterion) {
     let files = models::resolve_encoder(&name, &dir).expect("resolve");
     let enc = Encoder::load(&files, &candle_core::Device::Cpu).expect("load");
     let text = TextEncoder::new(&files, 512).expect("tokenizer");
-    let ids: Vec<Vec<u32>> = MESSAGES.iter().map(|m| text.tokenize(m).unwrap()).collect();
+    let ids: Vec<Vec<u32>> = MESSAGES.lines().filter(|l| !l.is_empty()).map(|m| text.tokenize(m).unwrap()).collect();
     let mean = ids.iter().map(|i| i.len()).sum::<usize>() as f64 / ids.len() as f64;
     eprintln!("{name}: mean {mean:.1} tokens per message");
     let mut g = c.benchmark_group(format!("encode/{name}"));

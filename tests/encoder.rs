@@ -73,3 +73,42 @@ async fn long_texts_are_cut_at_the_token_limit() {
     assert_eq!(e[0].tokens, enc.max_tokens());
     assert_eq!(e[0].embedding.len(), 384);
 }
+
+/// palaver's packed forward pass against candle's reference `BertModel`
+/// (padded batch, masked mean pooling) on the same weights.
+#[test]
+fn packed_forward_equals_candles_bert() {
+    use candle_core::{DType, Device, Tensor};
+    use candle_transformers::models::bert::{BertModel, Config};
+    use palaver::encoder::{Encoder, TextEncoder};
+    use palaver::models;
+    let dir = common::models_dir();
+    models::fetch_models(&[models::DEFAULT_ENCODER], &models::FetchOptions::new(dir.clone())).unwrap();
+    let files = models::resolve_encoder(models::DEFAULT_ENCODER, &dir).unwrap();
+    let text = TextEncoder::new(&files, 256).unwrap();
+    let ids: Vec<Vec<u32>> = TEXTS.iter().map(|t| text.tokenize(t).unwrap()).collect();
+    let seqs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
+    let ours = Encoder::load(&files, &Device::Cpu).unwrap().embed(&seqs).unwrap();
+
+    let cfg: Config = serde_json::from_str(&std::fs::read_to_string(&files.config).unwrap()).unwrap();
+    let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[&files.weights], DType::F32, &Device::Cpu).unwrap() };
+    let reference = BertModel::load(vb, &cfg).unwrap();
+    let width = seqs.iter().map(|s| s.len()).max().unwrap();
+    let mut flat = vec![0u32; seqs.len() * width];
+    let mut mask = vec![0f32; seqs.len() * width];
+    for (i, s) in seqs.iter().enumerate() {
+        flat[i * width..i * width + s.len()].copy_from_slice(s);
+        mask[i * width..i * width + s.len()].fill(1.0);
+    }
+    let ids = Tensor::from_vec(flat, (seqs.len(), width), &Device::Cpu).unwrap();
+    let mask = Tensor::from_vec(mask, (seqs.len(), width), &Device::Cpu).unwrap();
+    let hidden = reference.forward(&ids, &ids.zeros_like().unwrap(), Some(&mask)).unwrap();
+    let m = mask.unsqueeze(2).unwrap();
+    let mean = hidden.broadcast_mul(&m).unwrap().sum(1).unwrap().broadcast_div(&m.sum(1).unwrap()).unwrap();
+    let rows = mean.to_vec2::<f32>().unwrap();
+    for (i, (a, r)) in ours.iter().zip(&rows).enumerate() {
+        let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt();
+        let cos = dot(a, r) / norm;
+        assert!(cos > 0.9999, "text {i}: cosine {cos} against candle's BertModel");
+    }
+}

@@ -3,14 +3,16 @@
 //! runs together, `worker` owns the model on its own thread.
 
 pub mod batching;
+mod bert;
 mod worker;
 
 pub use worker::{EncodeTimings, EncoderHandle, EncoderStats, Encoded};
 
 use crate::models::EncoderFiles;
-use candle_core::{DType, Device, Tensor, D};
+use bert::PackedBert;
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
+use candle_transformers::models::bert::Config;
 use tokenizers::Tokenizer;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,9 +29,7 @@ pub enum EncoderError {
 
 /// The loaded encoder. Not thread-safe by design: one thread owns it.
 pub struct Encoder {
-    model: BertModel,
-    device: Device,
-    hidden: usize,
+    model: PackedBert,
 }
 
 impl Encoder {
@@ -39,41 +39,21 @@ impl Encoder {
             .and_then(|s| serde_json::from_str(&s).map_err(|e| EncoderError::Load(format!("config.json: {e}"))))?;
         // SAFETY: the file is memory-mapped read-only and was verified by hash when prepared.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], DType::F32, device)? };
-        let model = BertModel::load(vb, &config)?;
-        Ok(Self { model, device: device.clone(), hidden: config.hidden_size })
+        Ok(Self { model: PackedBert::load(vb, &config)? })
     }
 
     pub fn dim(&self) -> usize {
-        self.hidden
+        self.model.hidden()
     }
 
-    /// Embeds token sequences (each with its special tokens). Sequences are
-    /// padded to the longest one and masked, so each row equals its own run.
+    /// Embeds token sequences (each with its special tokens): mean-pooled
+    /// over each sequence's own tokens and L2-normalised, so a row does not
+    /// depend on what else is in the batch.
     pub fn embed(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>, EncoderError> {
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
-        let n = seqs.len();
-        let len = seqs.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
-        let mut ids = vec![0u32; n * len];
-        let mut mask = vec![0f32; n * len];
-        for (i, s) in seqs.iter().enumerate() {
-            ids[i * len..i * len + s.len()].copy_from_slice(s);
-            mask[i * len..i * len + s.len()].fill(1.0);
-        }
-        let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
-        let types = ids.zeros_like()?;
-        let mask = Tensor::from_vec(mask, (n, len), &self.device)?;
-        let hidden = self.model.forward(&ids, &types, Some(&mask))?;
-        // Masked mean: padding positions contribute nothing.
-        let m = mask.unsqueeze(2)?;
-        let summed = hidden.broadcast_mul(&m)?.sum(1)?;
-        let counts = m.sum(1)?;
-        let mean = summed.broadcast_div(&counts)?;
-        let norm = mean.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
-        let out = mean.broadcast_div(&norm)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        debug_assert!(out.iter().all(|r| r.len() == self.hidden));
-        Ok(out)
+        Ok(self.model.embed(seqs)?)
     }
 }
 
