@@ -8,17 +8,46 @@
 //! is one parallel pass with a rational erf approximation that vectorises.
 //! Weights and results are those of `BertModel` (tested to cosine > 0.9999).
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Tensor};
-use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Result, Shape, Tensor};
+use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 use candle_transformers::models::bert::Config;
 use rayon::prelude::*;
 
+/// A dense layer with its weight stored transposed (in x out, contiguous):
+/// candle's GEMM runs 20-30% faster on it than on a transposed view for the
+/// narrow 384-wide inputs of this model. The bias (and GELU) are applied in
+/// one parallel pass instead of candle's single-threaded broadcast add.
+struct Dense {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Dense {
+    fn new(w: Tensor, b: Tensor) -> Result<Self> {
+        Ok(Self { w: w.t()?.contiguous()?, b })
+    }
+
+    fn load(vb: VarBuilder, inp: usize, out: usize) -> Result<Self> {
+        Self::new(vb.get((out, inp), "weight")?, vb.get(out, "bias")?)
+    }
+
+    fn forward(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
+        let y = x.matmul(&self.w)?;
+        if y.device().is_cpu() && y.dtype() == DType::F32 {
+            y.apply_op2_no_bwd(&self.b, &BiasAct { gelu })
+        } else {
+            let y = y.broadcast_add(&self.b)?;
+            if gelu { y.gelu_erf() } else { Ok(y) }
+        }
+    }
+}
+
 struct Layer {
-    qkv: Linear,
-    out: Linear,
+    qkv: Dense,
+    out: Dense,
     ln_attn: LayerNorm,
-    up: Linear,
-    down: Linear,
+    up: Dense,
+    down: Dense,
     ln_out: LayerNorm,
 }
 
@@ -49,13 +78,13 @@ impl PackedBert {
                     Ok((a.pp("self").pp(n).get((h, h), "weight")?, a.pp("self").pp(n).get(h, "bias")?))
                 };
                 let (q, k, v) = (part("query")?, part("key")?, part("value")?);
-                let qkv = Linear::new(Tensor::cat(&[&q.0, &k.0, &v.0], 0)?, Some(Tensor::cat(&[&q.1, &k.1, &v.1], 0)?));
+                let qkv = Dense::new(Tensor::cat(&[&q.0, &k.0, &v.0], 0)?, Tensor::cat(&[&q.1, &k.1, &v.1], 0)?)?;
                 Ok(Layer {
                     qkv,
-                    out: linear(h, h, a.pp("output").pp("dense"))?,
+                    out: Dense::load(a.pp("output").pp("dense"), h, h)?,
                     ln_attn: ln(a.pp("output").pp("LayerNorm"))?,
-                    up: linear(h, cfg.intermediate_size, l.pp("intermediate").pp("dense"))?,
-                    down: linear(cfg.intermediate_size, h, l.pp("output").pp("dense"))?,
+                    up: Dense::load(l.pp("intermediate").pp("dense"), h, cfg.intermediate_size)?,
+                    down: Dense::load(l.pp("output").pp("dense"), cfg.intermediate_size, h)?,
                     ln_out: ln(l.pp("output").pp("LayerNorm"))?,
                 })
             })
@@ -114,7 +143,7 @@ impl PackedBert {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
 
         for layer in &self.layers {
-            let qkv = layer.qkv.forward(&x)?; // (total, 3h)
+            let qkv = layer.qkv.forward(&x, false)?; // (total, 3h)
             let padded = Tensor::cat(&[&qkv, &zero_row], 0)?.index_select(&to_padded, 0)?; // (n*longest, 3h)
             let padded = padded.reshape((n, longest, 3, self.heads, self.head_dim))?.permute((2, 0, 3, 1, 4))?; // (3, n, heads, len, dim)
             let q = padded.get(0)?.contiguous()?;
@@ -124,9 +153,9 @@ impl PackedBert {
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((n * longest, self.hidden))?;
             let ctx = ctx.index_select(&to_packed, 0)?; // back to (total, h)
-            x = layer.ln_attn.forward(&layer.out.forward(&ctx)?.add(&x)?)?;
-            let up = gelu(&layer.up.forward(&x)?)?;
-            x = layer.ln_out.forward(&layer.down.forward(&up)?.add(&x)?)?;
+            x = layer.ln_attn.forward(&layer.out.forward(&ctx, false)?.add(&x)?)?;
+            let up = layer.up.forward(&x, true)?;
+            x = layer.ln_out.forward(&layer.down.forward(&up, false)?.add(&x)?)?;
         }
 
         // Mean over each sequence's own rows, then unit length.
@@ -148,35 +177,44 @@ impl PackedBert {
     }
 }
 
-/// GELU (erf form) as one parallel, vectorisable pass on CPU; candle's own op elsewhere.
-fn gelu(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        x.apply_op1_no_bwd(&FastGelu)
-    } else {
-        x.gelu_erf()
-    }
+/// `act(x + bias)` over the rows of `x`, in parallel; act is GELU (erf form,
+/// vectorisable) or the identity.
+struct BiasAct {
+    gelu: bool,
 }
 
-struct FastGelu;
-
-impl CustomOp1 for FastGelu {
+impl CustomOp2 for BiasAct {
     fn name(&self) -> &'static str {
-        "palaver-fast-gelu"
+        "palaver-bias-act"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = storage else { candle_core::bail!("fast gelu: f32 only") };
-        let src = match layout.contiguous_offsets() {
-            Some((a, b)) => &v[a..b],
-            None => candle_core::bail!("fast gelu: contiguous input only"),
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, b: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(b)) = (x, b) else { candle_core::bail!("bias-act: f32 only") };
+        let (Some((x0, x1)), Some((b0, b1))) = (xl.contiguous_offsets(), bl.contiguous_offsets()) else {
+            candle_core::bail!("bias-act: contiguous inputs only")
         };
+        let (src, bias) = (&x[x0..x1], &b[b0..b1]);
+        let width = bias.len();
+        if width == 0 || src.len() % width != 0 {
+            candle_core::bail!("bias-act: {} values are not rows of {width}", src.len());
+        }
         let mut dst = vec![0f32; src.len()];
-        dst.par_chunks_mut(4096).zip(src.par_chunks(4096)).for_each(|(d, s)| {
-            for (o, &x) in d.iter_mut().zip(s) {
-                *o = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+        let rows_per_task = (16_384 / width).max(1) * width;
+        dst.par_chunks_mut(rows_per_task).zip(src.par_chunks(rows_per_task)).for_each(|(d, s)| {
+            for (drow, srow) in d.chunks_exact_mut(width).zip(s.chunks_exact(width)) {
+                if self.gelu {
+                    for ((o, &v), &bb) in drow.iter_mut().zip(srow).zip(bias) {
+                        let y = v + bb;
+                        *o = 0.5 * y * (1.0 + erf(y * std::f32::consts::FRAC_1_SQRT_2));
+                    }
+                } else {
+                    for ((o, &v), &bb) in drow.iter_mut().zip(srow).zip(bias) {
+                        *o = v + bb;
+                    }
+                }
             }
         });
-        Ok((CpuStorage::F32(dst), layout.shape().clone()))
+        Ok((CpuStorage::F32(dst), xl.shape().clone()))
     }
 }
 
@@ -217,11 +255,12 @@ mod tests {
     }
 
     #[test]
-    fn fast_gelu_matches_candle() {
+    fn bias_and_gelu_match_candle() {
         let xs: Vec<f32> = (-2000..2000).map(|i| i as f32 / 300.0).collect();
-        let t = Tensor::new(xs.as_slice(), &Device::Cpu).unwrap();
-        let a = gelu(&t).unwrap().to_vec1::<f32>().unwrap();
-        let b = t.gelu_erf().unwrap().to_vec1::<f32>().unwrap();
+        let t = Tensor::from_vec(xs, (40, 100), &Device::Cpu).unwrap();
+        let bias = Tensor::arange(0f32, 100.0, &Device::Cpu).unwrap().affine(0.01, -0.5).unwrap();
+        let a = t.apply_op2_no_bwd(&bias, &BiasAct { gelu: true }).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = t.broadcast_add(&bias).unwrap().gelu_erf().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         assert!(worst < 1e-5, "max difference {worst}");
     }
