@@ -7,7 +7,7 @@
 //!   PALAVER_LOADGEN_SECS=20 ...                       # seconds per level (default 10)
 
 use palaver::encoder::batching::BatchPolicy;
-use palaver::encoder::EncoderHandle;
+use palaver::encoder::{EncoderHandle, Precision};
 use palaver::intent::store::DirStore;
 use palaver::intent::{IntentConfig, Intents};
 use palaver::llm::LlmHandle;
@@ -26,7 +26,7 @@ fn start_server() -> String {
     models::fetch_models(&[models::FIXTURE_LLM, models::DEFAULT_ENCODER], &opts).expect("fetch");
     let llm = LlmHandle::spawn(models::resolve_llm(models::FIXTURE_LLM, &dir, &HubOptions::default()).unwrap(), candle_core::Device::Cpu).unwrap();
     let files = models::resolve_encoder(models::DEFAULT_ENCODER, &dir).unwrap();
-    let encoder = EncoderHandle::spawn(files, candle_core::Device::Cpu, BatchPolicy::default(), Duration::from_millis(2), 256).unwrap();
+    let encoder = EncoderHandle::spawn(files, candle_core::Device::Cpu, BatchPolicy::default(), Duration::from_millis(2), 256, Precision::Auto).unwrap();
     let store = std::env::temp_dir().join(format!("palaver-loadgen-{}", std::process::id()));
     let intents = Intents::new(encoder, Box::new(DirStore::open(&store).unwrap()), IntentConfig::default());
     let (tx, rx) = std::sync::mpsc::channel();

@@ -173,6 +173,12 @@ pub struct EncoderArgs {
     #[arg(long, env = "PALAVER_ENCODER_BATCH_TOKENS", default_value_t = 8192)]
     pub encoder_batch_tokens: usize,
 
+    /// Arithmetic of the encoder's dense layers. int8 (AVX-512 VNNI CPUs; see
+    /// BENCHMARKS.md) is faster and its embeddings differ from f32 at cosine ~0.99x;
+    /// f32 is the reference. Changing it retrains stored taxonomy heads at start-up.
+    #[arg(long, env = "PALAVER_ENCODER_PRECISION", value_enum, default_value = "auto")]
+    pub encoder_precision: crate::encoder::Precision,
+
     /// Microseconds a lone request waits for others to share its forward pass.
     /// 0 gives the lowest latency when idle; a few ms batches concurrent callers.
     #[arg(long, env = "PALAVER_ENCODER_BATCH_WAIT_US", default_value_t = 2000)]
@@ -200,6 +206,7 @@ impl EncoderArgs {
             policy,
             std::time::Duration::from_micros(self.encoder_batch_wait_us),
             self.encoder_max_tokens,
+            self.encoder_precision,
         )?)
     }
 }

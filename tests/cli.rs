@@ -31,6 +31,7 @@ async fn serve_answers_health_and_summarize() {
         .args(["serve", "--summarizer", models::FIXTURE_LLM])
         .env("PALAVER_ADDR", format!("127.0.0.1:{port}")) // flags also come from the environment
         .env("PALAVER_MODELS_DIR", common::models_dir())
+        .env("PALAVER_TAXONOMY_STORE", common::temp_dir("cli-store"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -111,4 +112,103 @@ fn summarize_prints_json_and_rejects_bad_threads() {
     );
     assert!(!late.status.success());
     assert!(String::from_utf8_lossy(&late.stderr).contains("thread.messages[1].sent_at"));
+}
+
+const TAXONOMY_TOML: &str = r#"
+name = "from-file"
+version = "1"
+
+[[intent]]
+label = "refund"
+description = "the customer wants their money back"
+examples = ["I want a refund", "give me my money back", "refund my order please"]
+
+[[intent]]
+label = "opening_hours"
+examples = ["when do you open", "what are your opening hours", "are you open on Sunday"]
+"#;
+
+fn serve(store: &std::path::Path, port: u16, extra: &[&str]) -> Killed {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--summarizer", models::FIXTURE_LLM]).args(extra);
+    let child = cmd
+        .env("PALAVER_ADDR", format!("127.0.0.1:{port}"))
+        .env("PALAVER_MODELS_DIR", common::models_dir())
+        .env("PALAVER_TAXONOMY_STORE", store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start palaver serve");
+    Killed(child)
+}
+
+/// Connects once the Taxonomies service says SERVING.
+async fn wait_taxonomies(port: u16) -> tonic::transport::Channel {
+    let url = format!("http://127.0.0.1:{port}");
+    for _ in 0..1200 {
+        if let Ok(c) = tonic::transport::Channel::from_shared(url.clone()).unwrap().connect().await {
+            let mut h = tonic_health::pb::health_client::HealthClient::new(c.clone());
+            let req = tonic_health::pb::HealthCheckRequest { service: "palaver.v1.Taxonomies".into() };
+            if matches!(h.check(req).await, Ok(r) if r.get_ref().status == 1) {
+                return c;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("Taxonomies never SERVING");
+}
+
+#[tokio::test]
+async fn taxonomies_survive_kill_9_and_bad_files_fail_the_start() {
+    common::llm_files(models::FIXTURE_LLM);
+    let dir = common::temp_dir("cli-kill");
+    let store = dir.join("store");
+    let file = dir.join("from-file.toml");
+    std::fs::write(&file, TAXONOMY_TOML).unwrap();
+
+    let port = free_port();
+    let mut first = serve(&store, port, &["--taxonomy", file.to_str().unwrap()]);
+    let ch = wait_taxonomies(port).await;
+    let mut assist = pb::assist_client::AssistClient::new(ch.clone());
+    let classify = |text: &str| pb::ClassifyIntentRequest {
+        input: Some(pb::classify_intent_request::Input::Text(text.into())),
+        taxonomy: "from-file".into(),
+        top_k: 1,
+        request_id: String::new(),
+    };
+    let r = assist.classify_intent(classify("quero meu dinheiro de volta")).await.unwrap().into_inner();
+    assert_eq!(r.intents[0].label, "refund");
+    let mut tax = pb::taxonomies_client::TaxonomiesClient::new(ch);
+    let mut extra = palaver::server::taxonomy_to_wire(&palaver::intent::taxonomy::Taxonomy::from_toml(TAXONOMY_TOML).unwrap());
+    extra.name = "via-grpc".into();
+    assert!(tax.put_taxonomy(pb::PutTaxonomyRequest { taxonomy: Some(extra) }).await.unwrap().into_inner().trained);
+    // SIGKILL: no shutdown hook runs. Everything acknowledged must be on disk.
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+
+    let port = free_port();
+    let _second = serve(&store, port, &[]);
+    let ch = wait_taxonomies(port).await;
+    let mut tax = pb::taxonomies_client::TaxonomiesClient::new(ch.clone());
+    let names: Vec<String> =
+        tax.list_taxonomies(pb::ListTaxonomiesRequest {}).await.unwrap().into_inner().taxonomies.into_iter().map(|t| t.name).collect();
+    for name in ["from-file", "via-grpc", "support"] {
+        assert!(names.contains(&name.to_string()), "{name} lost across kill -9: {names:?}");
+    }
+    let r = pb::assist_client::AssistClient::new(ch).classify_intent(classify("when are you open?")).await.unwrap().into_inner();
+    assert_eq!(r.intents[0].label, "opening_hours");
+
+    // A taxonomy file with a duplicate label stops the start with the offender named.
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, TAXONOMY_TOML.replace("opening_hours", "Refund")).unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--summarizer", models::FIXTURE_LLM, "--taxonomy", bad.to_str().unwrap()])
+        .env("PALAVER_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("PALAVER_MODELS_DIR", common::models_dir())
+        .env("PALAVER_TAXONOMY_STORE", &store)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("taxonomy.intents[1].label: duplicate label `Refund`"), "{err}");
 }

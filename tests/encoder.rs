@@ -80,7 +80,7 @@ async fn long_texts_are_cut_at_the_token_limit() {
 fn packed_forward_equals_candles_bert() {
     use candle_core::{DType, Device, Tensor};
     use candle_transformers::models::bert::{BertModel, Config};
-    use palaver::encoder::{Encoder, TextEncoder};
+    use palaver::encoder::{Encoder, Precision, TextEncoder};
     use palaver::models;
     let dir = common::models_dir();
     models::fetch_models(&[models::DEFAULT_ENCODER], &models::FetchOptions::new(dir.clone())).unwrap();
@@ -88,7 +88,7 @@ fn packed_forward_equals_candles_bert() {
     let text = TextEncoder::new(&files, 256).unwrap();
     let ids: Vec<Vec<u32>> = TEXTS.iter().map(|t| text.tokenize(t).unwrap()).collect();
     let seqs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
-    let ours = Encoder::load(&files, &Device::Cpu).unwrap().embed(&seqs).unwrap();
+    let ours = Encoder::load(&files, &Device::Cpu, Precision::F32).unwrap().embed(&seqs).unwrap();
 
     let cfg: Config = serde_json::from_str(&std::fs::read_to_string(&files.config).unwrap()).unwrap();
     let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[&files.weights], DType::F32, &Device::Cpu).unwrap() };
@@ -110,5 +110,35 @@ fn packed_forward_equals_candles_bert() {
         let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt();
         let cos = dot(a, r) / norm;
         assert!(cos > 0.9999, "text {i}: cosine {cos} against candle's BertModel");
+    }
+}
+
+/// The int8 dense layers (AVX-512 VNNI CPUs) stay close to the f32 reference.
+#[test]
+fn int8_embeddings_stay_close_to_f32() {
+    use candle_core::Device;
+    use palaver::encoder::{int8, Encoder, Precision, TextEncoder};
+    use palaver::models;
+    if !int8::supported() {
+        eprintln!("no AVX-512 VNNI on this CPU: the int8 path is not used here");
+        return;
+    }
+    let dir = common::models_dir();
+    models::fetch_models(&[models::DEFAULT_ENCODER], &models::FetchOptions::new(dir.clone())).unwrap();
+    let files = models::resolve_encoder(models::DEFAULT_ENCODER, &dir).unwrap();
+    let text = TextEncoder::new(&files, 256).unwrap();
+    let ids: Vec<Vec<u32>> = TEXTS.iter().map(|t| text.tokenize(t).unwrap()).collect();
+    let seqs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
+    let f32s = Encoder::load(&files, &Device::Cpu, Precision::F32).unwrap().embed(&seqs).unwrap();
+    let int8 = Encoder::load(&files, &Device::Cpu, Precision::Int8).unwrap();
+    let q = int8.embed(&seqs).unwrap();
+    for (i, (a, b)) in f32s.iter().zip(&q).enumerate() {
+        let cos = dot(a, b);
+        assert!(cos > 0.99, "text {i}: int8 vs f32 cosine {cos}");
+    }
+    // Still independent of the batch: each text alone gives the same row.
+    for (i, s) in seqs.iter().enumerate() {
+        let alone = int8.embed(&[s]).unwrap();
+        assert!(dot(&alone[0], &q[i]) > 0.999999, "text {i} differs alone");
     }
 }

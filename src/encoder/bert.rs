@@ -3,15 +3,16 @@
 //! candle's `BertModel` pads every sequence to the longest and runs its GELU
 //! through scalar `libm::erff` on one thread. Here the tokens of all sequences
 //! are packed into one `(tokens, hidden)` matrix, so the dense layers (about
-//! 90% of the work) never compute padding; only attention, which needs each
-//! sequence on its own, is gathered into a padded block and masked. The GELU
-//! is one parallel pass with a rational erf approximation that vectorises.
+//! 90% of the work) never compute padding; attention, which needs each
+//! sequence on its own, runs on groups of equal-length sequences, unpadded.
+//! Bias and GELU are one parallel pass with a rational erf that vectorises.
 //! Weights and results are those of `BertModel` (tested to cosine > 0.9999).
 
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 use candle_transformers::models::bert::Config;
 use rayon::prelude::*;
+use super::int8::QuantLinear;
 
 /// A dense layer with its weight stored transposed (in x out, contiguous):
 /// candle's GEMM runs 20-30% faster on it than on a transposed view for the
@@ -20,18 +21,29 @@ use rayon::prelude::*;
 struct Dense {
     w: Tensor,
     b: Tensor,
+    /// The same layer in int8 (with its bias and activation), where the CPU has VNNI.
+    int8: Option<QuantLinear>,
 }
 
 impl Dense {
-    fn new(w: Tensor, b: Tensor) -> Result<Self> {
-        Ok(Self { w: w.t()?.contiguous()?, b })
+    fn new(w: Tensor, b: Tensor, int8: bool, gelu: bool) -> Result<Self> {
+        let int8 = if int8 {
+            let (n, k) = w.dims2()?;
+            Some(QuantLinear::new(&w.flatten_all()?.to_vec1::<f32>()?, b.to_vec1::<f32>()?, n, k, gelu))
+        } else {
+            None
+        };
+        Ok(Self { w: w.t()?.contiguous()?, b, int8 })
     }
 
-    fn load(vb: VarBuilder, inp: usize, out: usize) -> Result<Self> {
-        Self::new(vb.get((out, inp), "weight")?, vb.get(out, "bias")?)
+    fn load(vb: VarBuilder, inp: usize, out: usize, int8: bool, gelu: bool) -> Result<Self> {
+        Self::new(vb.get((out, inp), "weight")?, vb.get(out, "bias")?, int8, gelu)
     }
 
     fn forward(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
+        if let Some(q) = &self.int8 {
+            return x.contiguous()?.apply_op1_no_bwd(q);
+        }
         let y = x.matmul(&self.w)?;
         if y.device().is_cpu() && y.dtype() == DType::F32 {
             y.apply_op2_no_bwd(&self.b, &BiasAct { gelu })
@@ -64,7 +76,9 @@ pub struct PackedBert {
 }
 
 impl PackedBert {
-    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+    /// `int8`: run the dense layers in int8 (only where `int8::supported()`).
+    pub fn load(vb: VarBuilder, cfg: &Config, int8: bool) -> Result<Self> {
+        let int8 = int8 && vb.device().is_cpu() && super::int8::supported();
         let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") { vb.pp("bert") } else { vb };
         let h = cfg.hidden_size;
         let e = vb.pp("embeddings");
@@ -78,13 +92,13 @@ impl PackedBert {
                     Ok((a.pp("self").pp(n).get((h, h), "weight")?, a.pp("self").pp(n).get(h, "bias")?))
                 };
                 let (q, k, v) = (part("query")?, part("key")?, part("value")?);
-                let qkv = Dense::new(Tensor::cat(&[&q.0, &k.0, &v.0], 0)?, Tensor::cat(&[&q.1, &k.1, &v.1], 0)?)?;
+                let qkv = Dense::new(Tensor::cat(&[&q.0, &k.0, &v.0], 0)?, Tensor::cat(&[&q.1, &k.1, &v.1], 0)?, int8, false)?;
                 Ok(Layer {
                     qkv,
-                    out: Dense::load(a.pp("output").pp("dense"), h, h)?,
+                    out: Dense::load(a.pp("output").pp("dense"), h, h, int8, false)?,
                     ln_attn: ln(a.pp("output").pp("LayerNorm"))?,
-                    up: Dense::load(l.pp("intermediate").pp("dense"), h, cfg.intermediate_size)?,
-                    down: Dense::load(l.pp("output").pp("dense"), cfg.intermediate_size, h)?,
+                    up: Dense::load(l.pp("intermediate").pp("dense"), h, cfg.intermediate_size, int8, true)?,
+                    down: Dense::load(l.pp("output").pp("dense"), cfg.intermediate_size, h, int8, false)?,
                     ln_out: ln(l.pp("output").pp("LayerNorm"))?,
                 })
             })
@@ -112,7 +126,6 @@ impl PackedBert {
         let n = seqs.len();
         let lens: Vec<usize> = seqs.iter().map(|s| s.len().max(1)).collect();
         let total: usize = lens.iter().sum();
-        let longest = lens.iter().copied().max().unwrap_or(1);
         let dev = &self.device;
 
         let ids: Vec<u32> = seqs.iter().flat_map(|s| if s.is_empty() { vec![0] } else { s.to_vec() }).collect();
@@ -122,37 +135,51 @@ impl PackedBert {
         let x = self.word.index_select(&ids, 0)?.add(&self.position.index_select(&pos, 0)?)?.broadcast_add(&self.token_type.get(0)?)?;
         let mut x = self.ln_emb.forward(&x)?;
 
-        // Packed row -> padded slot, and padded slot -> packed row (padding
-        // slots read an extra all-zero row at index `total`).
-        let mut to_padded = vec![total as u32; n * longest];
-        let mut to_packed = Vec::with_capacity(total);
-        let mut mask = vec![f32::MIN; n * longest];
-        let mut row = 0u32;
-        for (s, &l) in lens.iter().enumerate() {
-            for p in 0..l {
-                to_padded[s * longest + p] = row;
-                to_packed.push((s * longest + p) as u32);
-                mask[s * longest + p] = 0.0;
-                row += 1;
-            }
+        // Attention runs per group of sequences of equal length, without
+        // padding: a sequence then meets exactly the same kernels and shapes
+        // alone or in any batch, so its embedding is bitwise independent of
+        // the batch (int8 rounding would otherwise amplify last-bit noise).
+        let mut starts = Vec::with_capacity(n);
+        let mut acc = 0usize;
+        for &l in &lens {
+            starts.push(acc);
+            acc += l;
         }
-        let to_padded = Tensor::from_vec(to_padded, n * longest, dev)?;
-        let to_packed = Tensor::from_vec(to_packed, total, dev)?;
-        let mask = Tensor::from_vec(mask, (n, 1, 1, longest), dev)?;
-        let zero_row = Tensor::zeros((1, 3 * self.hidden), DType::F32, dev)?;
+        let mut by_len: std::collections::BTreeMap<usize, Vec<usize>> = std::collections::BTreeMap::new();
+        for (s, &l) in lens.iter().enumerate() {
+            by_len.entry(l).or_default().push(s);
+        }
+        let mut gather = Vec::with_capacity(total); // grouped order -> packed row
+        let groups: Vec<(usize, usize)> = by_len
+            .iter()
+            .map(|(&l, seqs)| {
+                for &s in seqs {
+                    gather.extend((starts[s]..starts[s] + l).map(|r| r as u32));
+                }
+                (seqs.len(), l)
+            })
+            .collect();
+        let mut scatter = vec![0u32; total]; // packed row -> grouped order
+        for (g, &r) in gather.iter().enumerate() {
+            scatter[r as usize] = g as u32;
+        }
+        let gather = Tensor::from_vec(gather, total, dev)?;
+        let scatter = Tensor::from_vec(scatter, total, dev)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
 
         for layer in &self.layers {
-            let qkv = layer.qkv.forward(&x, false)?; // (total, 3h)
-            let padded = Tensor::cat(&[&qkv, &zero_row], 0)?.index_select(&to_padded, 0)?; // (n*longest, 3h)
-            let padded = padded.reshape((n, longest, 3, self.heads, self.head_dim))?.permute((2, 0, 3, 1, 4))?; // (3, n, heads, len, dim)
-            let q = padded.get(0)?.contiguous()?;
-            let k = padded.get(1)?.contiguous()?;
-            let v = padded.get(2)?.contiguous()?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((n * longest, self.hidden))?;
-            let ctx = ctx.index_select(&to_packed, 0)?; // back to (total, h)
+            let qkv = layer.qkv.forward(&x, false)?.index_select(&gather, 0)?; // (total, 3h), grouped
+            let mut parts = Vec::with_capacity(groups.len());
+            let mut row = 0usize;
+            for &(count, len) in &groups {
+                let g = qkv.narrow(0, row, count * len)?.reshape((count, len, 3, self.heads, self.head_dim))?;
+                let g = g.permute((2, 0, 3, 1, 4))?; // (3, count, heads, len, dim)
+                let (q, k, v) = (g.get(0)?.contiguous()?, g.get(1)?.contiguous()?, g.get(2)?.contiguous()?);
+                let probs = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
+                parts.push(probs.matmul(&v)?.transpose(1, 2)?.reshape((count * len, self.hidden))?);
+                row += count * len;
+            }
+            let ctx = Tensor::cat(&parts, 0)?.index_select(&scatter, 0)?; // back to packed order
             x = layer.ln_attn.forward(&layer.out.forward(&ctx, false)?.add(&x)?)?;
             let up = layer.up.forward(&x, true)?;
             x = layer.ln_out.forward(&layer.down.forward(&up, false)?.add(&x)?)?;
@@ -204,8 +231,7 @@ impl CustomOp2 for BiasAct {
             for (drow, srow) in d.chunks_exact_mut(width).zip(s.chunks_exact(width)) {
                 if self.gelu {
                     for ((o, &v), &bb) in drow.iter_mut().zip(srow).zip(bias) {
-                        let y = v + bb;
-                        *o = 0.5 * y * (1.0 + erf(y * std::f32::consts::FRAC_1_SQRT_2));
+                        *o = gelu_scalar(v + bb);
                     }
                 } else {
                     for ((o, &v), &bb) in drow.iter_mut().zip(srow).zip(bias) {
@@ -216,6 +242,12 @@ impl CustomOp2 for BiasAct {
         });
         Ok((CpuStorage::F32(dst), xl.shape().clone()))
     }
+}
+
+/// GELU, erf form.
+#[inline(always)]
+pub fn gelu_scalar(y: f32) -> f32 {
+    0.5 * y * (1.0 + erf(y * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 /// erf as a rational function of x^2 on [-4, 4] (a minimax fit of the kind

@@ -4,6 +4,7 @@
 
 pub mod batching;
 mod bert;
+pub mod int8;
 mod worker;
 
 pub use worker::{EncodeTimings, EncoderHandle, EncoderStats, Encoded};
@@ -32,14 +33,37 @@ pub struct Encoder {
     model: PackedBert,
 }
 
+/// Arithmetic of the dense layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    /// int8 where the CPU has AVX-512 VNNI, f32 elsewhere.
+    Auto,
+    F32,
+    /// Falls back to f32 on CPUs without AVX-512 VNNI and on GPUs.
+    Int8,
+}
+
+impl Precision {
+    /// Whether the dense layers will actually run in int8 on `device`.
+    pub fn int8_on(self, device: &Device) -> bool {
+        self != Precision::F32 && device.is_cpu() && int8::supported()
+    }
+
+    /// Encoder id as reported and stored with trained heads: int8 embeddings
+    /// differ slightly, so heads are retrained when the precision changes.
+    pub fn model_id(self, name: &str, device: &Device) -> String {
+        if self.int8_on(device) { format!("{name}+int8") } else { name.to_string() }
+    }
+}
+
 impl Encoder {
-    pub fn load(files: &EncoderFiles, device: &Device) -> Result<Self, EncoderError> {
+    pub fn load(files: &EncoderFiles, device: &Device, precision: Precision) -> Result<Self, EncoderError> {
         let config: Config = std::fs::read_to_string(&files.config)
             .map_err(|e| EncoderError::Load(format!("{}: {e}", files.config.display())))
             .and_then(|s| serde_json::from_str(&s).map_err(|e| EncoderError::Load(format!("config.json: {e}"))))?;
         // SAFETY: the file is memory-mapped read-only and was verified by hash when prepared.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], DType::F32, device)? };
-        Ok(Self { model: PackedBert::load(vb, &config)? })
+        Ok(Self { model: PackedBert::load(vb, &config, precision.int8_on(device))? })
     }
 
     pub fn dim(&self) -> usize {

@@ -5,7 +5,7 @@
 //! async runtime.
 
 use super::batching::{BatchPolicy, Queued};
-use super::{Encoder, EncoderError, TextEncoder};
+use super::{Encoder, EncoderError, Precision, TextEncoder};
 use crate::llm::ModelState;
 use crate::models::EncoderFiles;
 use candle_core::Device;
@@ -87,16 +87,17 @@ impl EncoderHandle {
         policy: BatchPolicy,
         max_wait: Duration,
         max_tokens: usize,
+        precision: Precision,
     ) -> Result<Self, EncoderError> {
         let text = TextEncoder::new(&files, max_tokens)?;
         let (tx, rx) = mpsc::channel();
         let (state_tx, state) = watch::channel(ModelState::Loading);
         let counters = Arc::new(Counters::default());
         let c = counters.clone();
-        let id: Arc<str> = files.id.clone().into();
+        let id: Arc<str> = precision.model_id(&files.id, &device).into();
         std::thread::Builder::new()
             .name("palaver-encoder".into())
-            .spawn(move || run(files, device, policy, max_wait, rx, state_tx, max_tokens, &c))
+            .spawn(move || run(files, device, precision, policy, max_wait, rx, state_tx, max_tokens, &c))
             .map_err(|e| EncoderError::Load(e.to_string()))?;
         Ok(Self { id, text, tx, state, counters })
     }
@@ -168,6 +169,7 @@ impl EncoderHandle {
 fn run(
     files: EncoderFiles,
     device: Device,
+    precision: Precision,
     policy: BatchPolicy,
     max_wait: Duration,
     rx: mpsc::Receiver<Job>,
@@ -176,7 +178,7 @@ fn run(
     counters: &Counters,
 ) {
     let t = Instant::now();
-    let encoder = match Encoder::load(&files, &device) {
+    let encoder = match Encoder::load(&files, &device, precision) {
         Ok(e) => {
             tracing::info!(model = %files.id, secs = t.elapsed().as_secs_f32(), "encoder loaded");
             let _ = state.send(ModelState::Ready { context: max_tokens });

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use palaver::encoder::batching::BatchPolicy;
-use palaver::encoder::EncoderHandle;
+use palaver::encoder::{EncoderHandle, Precision};
 use palaver::intent::store::DirStore;
 use palaver::intent::{IntentConfig, Intents};
 use palaver::llm::LlmHandle;
@@ -39,7 +39,7 @@ pub fn encoder() -> EncoderHandle {
     let name = models::DEFAULT_ENCODER;
     models::fetch_models(&[name], &FetchOptions::new(models_dir())).expect("fetch encoder");
     let files = models::resolve_encoder(name, &models_dir()).expect("resolve encoder");
-    EncoderHandle::spawn(files, candle_core::Device::Cpu, BatchPolicy::default(), std::time::Duration::from_millis(2), 256)
+    EncoderHandle::spawn(files, candle_core::Device::Cpu, BatchPolicy::default(), std::time::Duration::from_millis(2), 256, Precision::Auto)
         .expect("spawn encoder")
 }
 
