@@ -49,7 +49,8 @@ async fn serve_answers_health_and_summarize() {
     let channel = channel.expect("server listening");
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let mut serving = false;
-    for _ in 0..600 {
+    // Loading the encoder and training the built-in taxonomies comes first.
+    for _ in 0..3000 {
         let r = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
         if r.into_inner().status == 1 {
             serving = true;
@@ -145,7 +146,7 @@ fn serve(store: &std::path::Path, port: u16, extra: &[&str]) -> Killed {
 /// Connects once the Taxonomies service says SERVING.
 async fn wait_taxonomies(port: u16) -> tonic::transport::Channel {
     let url = format!("http://127.0.0.1:{port}");
-    for _ in 0..1200 {
+    for _ in 0..3000 {
         if let Ok(c) = tonic::transport::Channel::from_shared(url.clone()).unwrap().connect().await {
             let mut h = tonic_health::pb::health_client::HealthClient::new(c.clone());
             let req = tonic_health::pb::HealthCheckRequest { service: "palaver.v1.Taxonomies".into() };

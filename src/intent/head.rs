@@ -207,7 +207,7 @@ impl Head {
             // The typical in-scope message scores sigmoid(-4) ~ 0.02.
             (threshold, 4.0 / (at(0.5) - threshold).max(1e-3))
         } else {
-            (f32::NEG_INFINITY, 1.0) // too few held-out examples to say; only a learned "none" class rejects
+            (f32::MIN, 1.0) // too few held-out examples to say; only a learned "none" class rejects (finite: JSON has no -inf)
         };
         let examples: Vec<f32> = x.iter().zip(y).filter(|(_, &c)| c < n_in).flat_map(|(r, _)| r.iter().copied()).collect();
         Head { labels, has_none, dim, mean, scale, weights, bias, temperature, threshold, oos_gamma, examples, cv_accuracy, alpha: L2 as f32 }
