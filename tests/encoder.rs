@@ -80,13 +80,8 @@ async fn long_texts_are_cut_at_the_token_limit() {
 fn packed_forward_equals_candles_bert() {
     use candle_core::{DType, Device, Tensor};
     use candle_transformers::models::bert::{BertModel, Config};
-    use palaver::encoder::{Encoder, Precision, TextEncoder};
-    use palaver::models;
-    let dir = common::models_dir();
-    models::fetch_models(&[models::DEFAULT_ENCODER], &models::FetchOptions::new(dir.clone())).unwrap();
-    let files = models::resolve_encoder(models::DEFAULT_ENCODER, &dir).unwrap();
-    let text = TextEncoder::new(&files, 256).unwrap();
-    let ids: Vec<Vec<u32>> = TEXTS.iter().map(|t| text.tokenize(t).unwrap()).collect();
+    use palaver::encoder::{Encoder, Precision};
+    let (files, ids) = encoder_files_and_ids();
     let seqs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
     let ours = Encoder::load(&files, &Device::Cpu, Precision::F32).unwrap().embed(&seqs).unwrap();
 
@@ -117,17 +112,12 @@ fn packed_forward_equals_candles_bert() {
 #[test]
 fn int8_embeddings_stay_close_to_f32() {
     use candle_core::Device;
-    use palaver::encoder::{int8, Encoder, Precision, TextEncoder};
-    use palaver::models;
+    use palaver::encoder::{int8, Encoder, Precision};
     if !int8::supported() {
         eprintln!("no AVX-512 VNNI on this CPU: the int8 path is not used here");
         return;
     }
-    let dir = common::models_dir();
-    models::fetch_models(&[models::DEFAULT_ENCODER], &models::FetchOptions::new(dir.clone())).unwrap();
-    let files = models::resolve_encoder(models::DEFAULT_ENCODER, &dir).unwrap();
-    let text = TextEncoder::new(&files, 256).unwrap();
-    let ids: Vec<Vec<u32>> = TEXTS.iter().map(|t| text.tokenize(t).unwrap()).collect();
+    let (files, ids) = encoder_files_and_ids();
     let seqs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
     let f32s = Encoder::load(&files, &Device::Cpu, Precision::F32).unwrap().embed(&seqs).unwrap();
     let int8 = Encoder::load(&files, &Device::Cpu, Precision::Int8).unwrap();
@@ -141,4 +131,15 @@ fn int8_embeddings_stay_close_to_f32() {
         let alone = int8.embed(&[s]).unwrap();
         assert!(dot(&alone[0], &q[i]) > 0.999999, "text {i} differs alone");
     }
+}
+
+/// The default encoder's files and the token ids of TEXTS.
+fn encoder_files_and_ids() -> (palaver::models::EncoderFiles, Vec<Vec<u32>>) {
+    use palaver::models;
+    let dir = common::models_dir();
+    models::fetch_models(&[models::DEFAULT_ENCODER], &models::FetchOptions::new(dir.clone())).unwrap();
+    let files = models::resolve_encoder(models::DEFAULT_ENCODER, &dir).unwrap();
+    let text = palaver::encoder::TextEncoder::new(&files, 256).unwrap();
+    let ids = TEXTS.iter().map(|t| text.tokenize(t).unwrap()).collect();
+    (files, ids)
 }

@@ -110,11 +110,9 @@ impl EncoderHandle {
         self.state.borrow().clone()
     }
 
+    /// Resolves once the encoder is loaded or has failed to load.
     pub async fn wait_loaded(&self) -> ModelState {
-        let mut rx = self.state.clone();
-        let _ = rx.wait_for(|s| *s != ModelState::Loading).await;
-        let s = rx.borrow().clone();
-        s
+        crate::llm::wait_not_loading(self.state.clone()).await
     }
 
     pub fn stats(&self) -> EncoderStats {

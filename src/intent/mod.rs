@@ -219,10 +219,7 @@ impl Intents {
 
     /// Resolves once `init` has finished, well or not.
     pub async fn wait_ready(&self) -> ModelState {
-        let mut rx = self.inner.state.subscribe();
-        let _ = rx.wait_for(|s| *s != ModelState::Loading).await;
-        let s = rx.borrow().clone();
-        s
+        crate::llm::wait_not_loading(self.inner.state.subscribe()).await
     }
 
     fn check_ready(&self) -> Result<(), IntentError> {

@@ -3,7 +3,7 @@
 
 mod worker;
 
-pub use worker::{LlmHandle, LlmStats, ModelState};
+pub use worker::{wait_not_loading, LlmHandle, LlmStats, ModelState};
 
 use crate::models::LlmFiles;
 use candle_core::quantized::gguf_file;

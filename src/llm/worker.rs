@@ -20,6 +20,13 @@ pub enum ModelState {
     Failed(String),
 }
 
+/// Resolves once `state` leaves Loading; shared by every model thread's handle.
+pub async fn wait_not_loading(mut state: watch::Receiver<ModelState>) -> ModelState {
+    let _ = state.wait_for(|s| *s != ModelState::Loading).await;
+    let s = state.borrow().clone();
+    s
+}
+
 struct GenerateJob {
     prompt: Vec<u32>,
     params: GenerateParams,
@@ -95,10 +102,7 @@ impl LlmHandle {
 
     /// Resolves once the model is loaded or has failed to load.
     pub async fn wait_loaded(&self) -> ModelState {
-        let mut rx = self.state.clone();
-        let _ = rx.wait_for(|s| *s != ModelState::Loading).await;
-        let s = rx.borrow().clone();
-        s
+        wait_not_loading(self.state.clone()).await
     }
 
     /// Queues a generation. Dropping the returned future cancels it.
