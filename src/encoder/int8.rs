@@ -61,7 +61,7 @@ impl QuantLinear {
             scale[c] = s;
             let (blk, lane) = (c / LANES, c % LANES);
             for (i, &v) in row.iter().enumerate() {
-                let q = (v / s).round().clamp(-127.0, 127.0) as i8;
+                let q = (v / s).round_ties_even().clamp(-127.0, 127.0) as i8;
                 col_sum[c] += q as i32;
                 packed[blk * kp * LANES + (i / 4) * LANES * 4 + lane * 4 + i % 4] = q;
             }
@@ -83,8 +83,9 @@ impl QuantLinear {
             let max = row.iter().fold(0f32, |a, v| a.max(v.abs()));
             *s = if max > 0.0 { max / 127.0 } else { 1.0 };
             let inv = 1.0 / *s;
+            // Ties to even maps to one vector instruction; |v * inv| <= 127 by construction.
             for (o, &v) in q.iter_mut().zip(row) {
-                *o = ((v * inv).round().clamp(-127.0, 127.0) as i32 + 128) as u8;
+                *o = ((v * inv).round_ties_even() + 128.0) as u8;
             }
         });
         let mut out = vec![0f32; m * self.n];
@@ -100,9 +101,13 @@ impl QuantLinear {
                 let s = row_scale[r0 + r];
                 let out_row = &mut dst[r * self.n..(r + 1) * self.n];
                 let acc_row = &acc[r * self.np..r * self.np + self.n];
-                for (c, (o, &a)) in out_row.iter_mut().zip(acc_row).enumerate() {
-                    let v = (a - 128 * self.col_sum[c]) as f32 * s * self.scale[c] + self.bias[c];
-                    *o = if self.gelu { gelu_scalar(v) } else { v };
+                // Two straight loops, so each vectorises.
+                let cols = out_row.iter_mut().zip(acc_row).zip(&self.col_sum[..self.n]).zip(&self.scale[..self.n]).zip(&self.bias[..self.n]);
+                for ((((o, &a), &cs), &sc), &b) in cols {
+                    *o = (a - 128 * cs) as f32 * (s * sc) + b;
+                }
+                if self.gelu {
+                    out_row.iter_mut().for_each(|v| *v = gelu_scalar(*v));
                 }
             }
         });

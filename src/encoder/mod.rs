@@ -33,6 +33,9 @@ pub struct Encoder {
     model: PackedBert,
 }
 
+/// Tokens per forward pass inside one `embed` call.
+const CHUNK_TOKENS: usize = 1024;
+
 /// Arithmetic of the dense layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Precision {
@@ -74,10 +77,23 @@ impl Encoder {
     /// over each sequence's own tokens and L2-normalised, so a row does not
     /// depend on what else is in the batch.
     pub fn embed(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>, EncoderError> {
-        if seqs.is_empty() {
-            return Ok(Vec::new());
+        // Large batches run as consecutive chunks of about a thousand tokens:
+        // past that, activations outgrow the caches and throughput drops
+        // (measured: 185 messages/s at 32 messages of 28 tokens, 139 at 128).
+        // Rows do not depend on their batch, so chunking changes no result.
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut start = 0;
+        while start < seqs.len() {
+            let mut end = start;
+            let mut tokens = 0;
+            while end < seqs.len() && (end == start || tokens + seqs[end].len() <= CHUNK_TOKENS) {
+                tokens += seqs[end].len();
+                end += 1;
+            }
+            out.extend(self.model.embed(&seqs[start..end])?);
+            start = end;
         }
-        Ok(self.model.embed(seqs)?)
+        Ok(out)
     }
 }
 
