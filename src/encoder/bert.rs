@@ -116,10 +116,6 @@ impl PackedBert {
         })
     }
 
-    pub fn hidden(&self) -> usize {
-        self.hidden
-    }
-
     /// Mean-pooled, L2-normalised embeddings of `seqs` (token ids with their
     /// special tokens), one row per sequence.
     pub fn embed(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {

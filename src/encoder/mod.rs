@@ -69,10 +69,6 @@ impl Encoder {
         Ok(Self { model: PackedBert::load(vb, &config, precision.int8_on(device))? })
     }
 
-    pub fn dim(&self) -> usize {
-        self.model.hidden()
-    }
-
     /// Embeds token sequences (each with its special tokens): mean-pooled
     /// over each sequence's own tokens and L2-normalised, so a row does not
     /// depend on what else is in the batch.

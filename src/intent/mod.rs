@@ -196,10 +196,6 @@ impl Intents {
         &self.inner.encoder
     }
 
-    pub fn config(&self) -> &IntentConfig {
-        &self.inner.cfg
-    }
-
     /// Waits for the encoder, loads the store (retraining heads made with
     /// another encoder), registers the built-in sentiment head, the default
     /// taxonomy if absent, and the `--taxonomy` files.
@@ -215,11 +211,6 @@ impl Intents {
 
     pub fn state(&self) -> ModelState {
         self.inner.state.borrow().clone()
-    }
-
-    /// Resolves once `init` has finished, well or not.
-    pub async fn wait_ready(&self) -> ModelState {
-        crate::llm::wait_not_loading(self.inner.state.subscribe()).await
     }
 
     fn check_ready(&self) -> Result<(), IntentError> {

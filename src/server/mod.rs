@@ -7,7 +7,7 @@ mod status;
 mod taxonomies;
 
 pub use assist::{to_input, to_response, to_thread, AssistService};
-pub use taxonomies::{from_wire as taxonomy_from_wire, to_wire as taxonomy_to_wire, TaxonomiesService};
+pub use taxonomies::{to_wire as taxonomy_to_wire, TaxonomiesService};
 
 use crate::llm::ModelState;
 use crate::intent::taxonomy::Taxonomy;
