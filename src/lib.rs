@@ -3,7 +3,8 @@
 //!
 //! Layers, each with its own error type: `models` (fetching and preparing
 //! weights), `llm` (the model thread), `summarize` (the pipeline, no gRPC),
-//! `server` (gRPC adapters, admission, health; the one place errors become
+//! `intent` (taxonomies and classification), `sendtime` (engagement store and
+//! send windows), `server` (gRPC adapters, admission, health; the one place errors become
 //! `tonic::Status`).
 
 pub mod cli;
@@ -13,6 +14,7 @@ pub mod eval;
 pub mod intent;
 pub mod llm;
 pub mod models;
+pub mod sendtime;
 pub mod server;
 pub mod summarize;
 
