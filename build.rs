@@ -1,6 +1,6 @@
 //! Compiles the protos with protox (pure Rust), so no system `protoc` is needed.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/palaver/v1/assist.proto"];
+    let protos = ["proto/palaver/v1/assist.proto", "proto/palaver/v1/engagement.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -36,7 +36,8 @@ fn start_server() -> String {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(listener.local_addr().unwrap().to_string()).unwrap();
             let opts = ServeOptions { max_concurrent_requests: 256, max_request_bytes: 4 << 20, startup_taxonomies: vec![] };
-            server::serve(listener, Summarizer::new(llm, SummarizeConfig::default()), intents, opts, std::future::pending()).await.unwrap();
+            let services = server::Services { assist: Some((Summarizer::new(llm, SummarizeConfig::default()), intents)), engagement: None };
+            server::serve(listener, services, opts, std::future::pending()).await.unwrap();
         });
     });
     rx.recv().unwrap()

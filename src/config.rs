@@ -4,6 +4,9 @@ use crate::models::{self, HubOptions};
 use crate::intent::head::TrainOptions;
 use crate::intent::taxonomy::TaxonomyLimits;
 use crate::intent::IntentConfig;
+use crate::sendtime::events::QuietHours;
+use crate::sendtime::model::ModelConfig;
+use crate::sendtime::EngagementConfig;
 use crate::summarize::{Limits, SummarizeConfig};
 use clap::Args;
 use std::net::SocketAddr;
@@ -149,6 +152,84 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub intent: IntentArgs,
+
+    #[command(flatten)]
+    pub engagement: EngagementArgs,
+
+    /// Services to run: `assist` (Assist and Taxonomies: loads the summarizer and
+    /// the encoder) and/or `engagement` (send times: no model at all). A box that
+    /// only scores contacts needs no model memory.
+    #[arg(long, env = "PALAVER_SERVICES", value_delimiter = ',', default_value = "assist,engagement")]
+    pub services: Vec<Service>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Service {
+    Assist,
+    Engagement,
+}
+
+/// The engagement store and the send-time model.
+#[derive(Debug, Clone, Args)]
+pub struct EngagementArgs {
+    /// The embedded engagement database (one file). Data, not cache: back it up.
+    #[arg(long, env = "PALAVER_ENGAGEMENT_DB", default_value_os_t = default_data_dir().join("engagement.redb"))]
+    pub engagement_db: PathBuf,
+
+    /// Days after which a contact's behaviour counts half. Shorter follows
+    /// changing habits faster; longer is steadier for rare contacts.
+    #[arg(long, env = "PALAVER_ENGAGEMENT_HALF_LIFE_DAYS", default_value_t = 60.0)]
+    pub half_life_days: f64,
+
+    /// Pseudo-events of the population prior a contact's own history is weighed
+    /// against. Higher trusts the population longer (steadier for sparse
+    /// contacts, slower to personalise).
+    #[arg(long, env = "PALAVER_PRIOR_STRENGTH", default_value_t = 8.0)]
+    pub prior_strength: f32,
+
+    /// Tenant-default quiet hours in the contact's local time (HH:MM-HH:MM; equal
+    /// ends: none). Requests and contacts may override them.
+    #[arg(long, env = "PALAVER_QUIET_HOURS", default_value = "21:00-08:00", value_parser = parse_quiet)]
+    pub quiet_hours: QuietHours,
+
+    /// IANA zone for contacts with no zone, phone, country or enough activity.
+    #[arg(long, env = "PALAVER_DEFAULT_TIME_ZONE", default_value = "UTC")]
+    pub default_time_zone: String,
+
+    /// Longest SuggestSendWindows horizon, in hours.
+    #[arg(long, env = "PALAVER_MAX_HORIZON_HOURS", default_value_t = 744)]
+    pub max_horizon_hours: u32,
+
+    /// Write batches queued for the store's writer before RecordEvents gets
+    /// RESOURCE_EXHAUSTED. Higher absorbs ingest bursts with more memory.
+    #[arg(long, env = "PALAVER_MAX_PENDING_WRITES", default_value_t = 256)]
+    pub max_pending_writes: usize,
+}
+
+fn parse_quiet(s: &str) -> Result<QuietHours, String> {
+    QuietHours::parse(s)
+}
+
+impl EngagementArgs {
+    pub fn config(&self) -> EngagementConfig {
+        let d = EngagementConfig::default();
+        EngagementConfig {
+            model: ModelConfig { half_life_secs: self.half_life_days.max(0.01) * 86_400.0, prior_strength: self.prior_strength.max(0.0), ..d.model },
+            quiet_hours: self.quiet_hours,
+            default_tz: self.default_time_zone.clone(),
+            max_horizon_secs: self.max_horizon_hours.max(1) as i64 * 3600,
+            max_pending_writes: self.max_pending_writes,
+        }
+    }
+}
+
+/// `$XDG_DATA_HOME/palaver`, else `~/.local/share/palaver`.
+pub fn default_data_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local").join("share")))
+        .unwrap_or_else(|| ".".into())
+        .join("palaver")
 }
 
 /// The sentence encoder behind intents and sentiment, and how it batches.
@@ -254,12 +335,7 @@ pub struct IntentArgs {
 /// `$XDG_DATA_HOME/palaver/taxonomies`, else `~/.local/share/palaver/taxonomies`:
 /// registered taxonomies are data, not cache.
 pub fn default_store_dir() -> PathBuf {
-    std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local").join("share")))
-        .unwrap_or_else(|| ".".into())
-        .join("palaver")
-        .join("taxonomies")
+    default_data_dir().join("taxonomies")
 }
 
 impl IntentArgs {

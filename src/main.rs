@@ -200,17 +200,29 @@ async fn load(model: &ModelArgs, summarize: &SummarizeArgs) -> Result<Summarizer
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    // Bad taxonomy files fail the start, not the first request.
-    let startup = palaver::intent::taxonomy::load_paths(&args.intent.taxonomies)?;
-    let limits = args.intent.config().limits;
-    for t in &startup {
-        t.clone().normalise_and_validate(&limits).with_context(|| format!("taxonomy `{}`", t.name))?;
-    }
-    let summarizer = load(&args.model, &args.summarize).await?;
-    let (m, e) = (args.model.clone(), args.encoder.clone());
-    let encoder = tokio::task::spawn_blocking(move || e.spawn(&m)).await?.map_err(|e| anyhow::anyhow!(e))?;
-    let store = palaver::intent::store::DirStore::open(&args.intent.taxonomy_store)?;
-    let intents = palaver::intent::Intents::new(encoder, Box::new(store), args.intent.config());
+    use palaver::config::Service;
+    let engagement = if args.services.contains(&Service::Engagement) {
+        let store = palaver::sendtime::store::RedbStore::open(&args.engagement.engagement_db)?;
+        Some(palaver::sendtime::Engagement::open(std::sync::Arc::new(store), args.engagement.config())?)
+    } else {
+        None
+    };
+    let mut startup = Vec::new();
+    let assist = if args.services.contains(&Service::Assist) {
+        // Bad taxonomy files fail the start, not the first request.
+        startup = palaver::intent::taxonomy::load_paths(&args.intent.taxonomies)?;
+        let limits = args.intent.config().limits;
+        for t in &startup {
+            t.clone().normalise_and_validate(&limits).with_context(|| format!("taxonomy `{}`", t.name))?;
+        }
+        let summarizer = load(&args.model, &args.summarize).await?;
+        let (m, e) = (args.model.clone(), args.encoder.clone());
+        let encoder = tokio::task::spawn_blocking(move || e.spawn(&m)).await?.map_err(|e| anyhow::anyhow!(e))?;
+        let store = palaver::intent::store::DirStore::open(&args.intent.taxonomy_store)?;
+        Some((summarizer, palaver::intent::Intents::new(encoder, Box::new(store), args.intent.config())))
+    } else {
+        None
+    };
     let listener = tokio::net::TcpListener::bind(args.addr).await.with_context(|| format!("binding {}", args.addr))?;
     let opts = ServeOptions {
         max_concurrent_requests: args.max_concurrent_requests,
@@ -221,7 +233,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutting down");
     };
-    server::serve(listener, summarizer, intents, opts, shutdown).await?;
+    server::serve(listener, server::Services { assist, engagement }, opts, shutdown).await?;
     Ok(())
 }
 

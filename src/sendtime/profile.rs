@@ -139,13 +139,13 @@ impl Profile {
     pub fn apply(&mut self, e: &Event, tz: Option<&TimeZone>, tz_name: &str, half_life_secs: f64) -> Applied {
         self.attrs.merge(&e.attrs);
         let mut applied = Applied::default();
+        match tz {
+            Some(z) if self.events > 0 && self.local_tz != tz_name => self.rebin(z, tz_name),
+            _ if self.events == 0 => self.local_tz = tz_name.to_string(),
+            _ => {}
+        }
         if e.kind == EventType::ContactUpdated {
             return applied;
-        }
-        if self.events > 0 && self.local_tz != tz_name && tz.is_some() {
-            self.rebin(tz.unwrap(), tz_name);
-        } else if self.events == 0 {
-            self.local_tz = tz_name.to_string();
         }
         self.advance(e.at, half_life_secs);
         let w = decay(self.ref_time - e.at, half_life_secs);

@@ -35,6 +35,20 @@ impl From<IntentError> for Status {
     }
 }
 
+impl From<crate::sendtime::SendTimeError> for Status {
+    fn from(e: crate::sendtime::SendTimeError) -> Self {
+        use crate::sendtime::SendTimeError as E;
+        let code = match &e {
+            E::Invalid { .. } => Code::InvalidArgument,
+            E::UnknownContact(_) => Code::NotFound,
+            E::Overloaded(_) => Code::ResourceExhausted,
+            E::WriterGone => Code::Unavailable,
+            E::Store(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
 /// tonic answers an over-size request with OUT_OF_RANGE, in the headers or the
 /// trailers; gRPC's convention (and what clients back off on) is
 /// RESOURCE_EXHAUSTED, and the message should name the flag that sets the limit.

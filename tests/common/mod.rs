@@ -69,7 +69,8 @@ impl TestServer {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 tx.send(listener.local_addr().unwrap()).unwrap();
-                server::serve(listener, Summarizer::new(llm, cfg), intents, opts, std::future::pending()).await.unwrap();
+                let services = server::Services { assist: Some((Summarizer::new(llm, cfg), intents)), engagement: None };
+                server::serve(listener, services, opts, std::future::pending()).await.unwrap();
             });
         });
         TestServer { addr: rx.recv().expect("server started"), llm: handle, encoder: enc, store }
