@@ -32,6 +32,7 @@ async fn serve_answers_health_and_summarize() {
         .env("PALAVER_ADDR", format!("127.0.0.1:{port}")) // flags also come from the environment
         .env("PALAVER_MODELS_DIR", common::models_dir())
         .env("PALAVER_TAXONOMY_STORE", common::temp_dir("cli-store"))
+        .env("PALAVER_ENGAGEMENT_DB", common::temp_dir("cli-engagement").join("e.redb"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -136,6 +137,7 @@ fn serve(store: &std::path::Path, port: u16, extra: &[&str]) -> Killed {
         .env("PALAVER_ADDR", format!("127.0.0.1:{port}"))
         .env("PALAVER_MODELS_DIR", common::models_dir())
         .env("PALAVER_TAXONOMY_STORE", store)
+        .env("PALAVER_SERVICES", "assist")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -207,6 +209,7 @@ async fn taxonomies_survive_kill_9_and_bad_files_fail_the_start() {
         .env("PALAVER_ADDR", format!("127.0.0.1:{}", free_port()))
         .env("PALAVER_MODELS_DIR", common::models_dir())
         .env("PALAVER_TAXONOMY_STORE", &store)
+        .env("PALAVER_SERVICES", "assist")
         .output()
         .unwrap();
     assert!(!out.status.success());
