@@ -43,6 +43,40 @@ enum Command {
         #[command(subcommand)]
         command: TaxonomyCommand,
     },
+    /// Score every contact of an events file (CSV, JSONL or Parquet): best
+    /// window, next good moment, messaging window and engagement score.
+    Score {
+        /// Events: columns contact_id, type, occurred_at (RFC 3339 or unix
+        /// seconds), channel, message_id, and optionally time_zone, country, phone.
+        #[arg(long)]
+        events: PathBuf,
+        /// Scores: .csv or .jsonl. Written to a temporary file and renamed into
+        /// place only when the job succeeds.
+        #[arg(long)]
+        out: PathBuf,
+        /// Override the input format guessed from the extension.
+        #[arg(long, value_parser = parse_format)]
+        format: Option<palaver::sendtime::file::Format>,
+        /// The moment scores are for (RFC 3339); default: now.
+        #[arg(long)]
+        now: Option<String>,
+        /// How far ahead the next good moment may be, in hours.
+        #[arg(long, default_value_t = 168)]
+        horizon_hours: u32,
+        /// Channel of the message to send (decides the messaging window); default:
+        /// the one each contact last wrote on.
+        #[arg(long, default_value = "")]
+        channel: String,
+        /// What a broken row does: skip it (reported with its row number) or stop.
+        #[arg(long, value_enum, default_value = "skip")]
+        on_error: palaver::sendtime::batch::OnError,
+        /// The input lists each contact's rows together: memory stays bounded
+        /// instead of growing with the number of contacts.
+        #[arg(long)]
+        grouped: bool,
+        #[command(flatten)]
+        engagement: palaver::config::EngagementArgs,
+    },
     /// Quality evaluations on public data.
     Eval {
         #[command(subcommand)]
@@ -91,8 +125,31 @@ enum TaxonomyCommand {
     },
 }
 
+fn parse_format(s: &str) -> Result<palaver::sendtime::file::Format, String> {
+    palaver::sendtime::file::Format::of(std::path::Path::new(&format!("x.{s}"))).ok_or_else(|| format!("{s}: expected csv, jsonl or parquet"))
+}
+
 #[derive(Subcommand)]
 enum EvalCommand {
+    /// Backtest send windows: fit each customer on earlier activity, score the
+    /// share of later activity inside the top-1 and top-3 windows, against a
+    /// global best hour and the customer's own most frequent hour.
+    SendTime {
+        /// twcs-format CSV (tweet_id, author_id, inbound, created_at, in_response_to_tweet_id).
+        #[arg(long)]
+        twcs: Option<PathBuf>,
+        /// IBM customer-care threads JSON (dialogContent with client/agent turns).
+        #[arg(long)]
+        ibm: Option<PathBuf>,
+        /// Customers need at least this many messages of their own.
+        #[arg(long, default_value_t = 3)]
+        min_activity: usize,
+        /// Share of each customer's activity used to fit; the rest is scored.
+        #[arg(long, default_value_t = 0.5)]
+        train_share: f64,
+        #[command(flatten)]
+        engagement: palaver::config::EngagementArgs,
+    },
     /// Accuracy, macro-F1, out-of-scope precision/recall and confusions of a taxonomy on labelled data.
     Intent {
         /// Taxonomy TOML (see `palaver taxonomy build`).
@@ -182,6 +239,21 @@ fn main() -> Result<()> {
         Command::Eval { command: EvalCommand::Intent { taxonomy, data, split, oos_label, drop_seen, rename, model, encoder, intent } } => {
             rt.block_on(eval_intent(taxonomy, data, split, oos_label, drop_seen, rename, model, encoder, intent))
         }
+        Command::Score { events, out, format, now, horizon_hours, channel, on_error, grouped, engagement } => {
+            score(events, out, format, now, horizon_hours, channel, on_error, grouped, engagement)
+        }
+        Command::Eval { command: EvalCommand::SendTime { twcs, ibm, min_activity, train_share, engagement } } => {
+            let mut h = palaver::eval::sendtime::Histories::new();
+            if let Some(p) = &twcs {
+                palaver::eval::sendtime::load_twcs(p, &mut h).map_err(anyhow::Error::msg)?;
+            }
+            if let Some(p) = &ibm {
+                palaver::eval::sendtime::load_ibm(p, &mut h).map_err(anyhow::Error::msg)?;
+            }
+            anyhow::ensure!(!h.is_empty(), "give --twcs and/or --ibm");
+            palaver::eval::sendtime::backtest(&h, min_activity, train_share, &engagement.config().model).print();
+            Ok(())
+        }
         Command::Eval { command: EvalCommand::Summaries { data, limit, model, summarize } } => {
             rt.block_on(eval_summaries(data, limit, model, summarize))
         }
@@ -189,6 +261,59 @@ fn main() -> Result<()> {
             rt.block_on(eval_languages(data, model, summarize))
         }
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn score(
+    events: PathBuf,
+    out: PathBuf,
+    format: Option<palaver::sendtime::file::Format>,
+    now: Option<String>,
+    horizon_hours: u32,
+    channel: String,
+    on_error: palaver::sendtime::batch::OnError,
+    grouped: bool,
+    engagement: palaver::config::EngagementArgs,
+) -> Result<()> {
+    use palaver::sendtime::{batch, events::parse_time, file::Format};
+    let format = format.or_else(|| Format::of(&events)).with_context(|| format!("{}: unknown format; pass --format", events.display()))?;
+    let now = match now {
+        Some(s) => parse_time(&s).with_context(|| format!("--now: {s:?} is not RFC 3339"))?,
+        None => palaver::sendtime::events::now_secs(),
+    };
+    let cfg = engagement.config();
+    let horizon = horizon_hours as i64 * 3600;
+    palaver::sendtime::validate_horizon(horizon, cfg.max_horizon_secs, "--horizon-hours")?;
+    let channel = palaver::sendtime::events::Channel::parse(&channel).with_context(|| format!("--channel: unknown channel {channel:?}"))?;
+    let job = batch::ScoreJob {
+        events,
+        format,
+        out: out.clone(),
+        now,
+        horizon_secs: horizon,
+        channel,
+        quiet: cfg.quiet_hours,
+        model: cfg.model,
+        on_error,
+        grouped,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let t = std::time::Instant::now();
+    let s = batch::score_file(&job)?;
+    for e in &s.errors {
+        eprintln!("skipped {e}");
+    }
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "{} contacts from {} rows ({} skipped) in {secs:.1} s: {:.0} contacts/s, {:.0} rows/s -> {}",
+        s.contacts,
+        s.rows,
+        s.bad_rows,
+        s.contacts as f64 / secs,
+        s.rows as f64 / secs,
+        out.display()
+    );
+    Ok(())
 }
 
 async fn load(model: &ModelArgs, summarize: &SummarizeArgs) -> Result<Summarizer> {

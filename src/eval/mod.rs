@@ -3,6 +3,7 @@
 
 use crate::summarize::thread::{Message, Role, SummarizeInput, Thread};
 pub mod intent;
+pub mod sendtime;
 
 use serde::Deserialize;
 use std::collections::HashMap;

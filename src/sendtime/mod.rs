@@ -5,6 +5,7 @@
 //! One thread owns all writes (group commit: many callers' events share one
 //! fsync); reads go straight to the store from any thread.
 
+pub mod batch;
 mod countries;
 pub mod events;
 pub mod file;
