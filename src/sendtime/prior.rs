@@ -2,7 +2,7 @@
 //! by channel, kept as decayed counters updated with every event.
 
 use super::model::{builtin_prior, normalise, PriorView};
-use super::profile::{Contribution, HOURS};
+use super::profile::{decay, Contribution, HOURS};
 use std::collections::HashMap;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -17,10 +17,6 @@ impl Default for PriorCounts {
     fn default() -> Self {
         PriorCounts { ref_time: 0, hours: [0.0; HOURS], sent: 0.0, replied: 0.0 }
     }
-}
-
-fn decay(dt: i64, half_life_secs: f64) -> f32 {
-    (-(dt.max(0) as f64) * std::f64::consts::LN_2 / half_life_secs).exp() as f32
 }
 
 impl PriorCounts {

@@ -108,7 +108,8 @@ fn id_hash(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
-fn decay(dt_secs: i64, half_life_secs: f64) -> f32 {
+/// Weight left after `dt_secs` with this half-life.
+pub(crate) fn decay(dt_secs: i64, half_life_secs: f64) -> f32 {
     (-(dt_secs.max(0) as f64) * std::f64::consts::LN_2 / half_life_secs).exp() as f32
 }
 
