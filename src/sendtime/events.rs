@@ -268,11 +268,13 @@ impl Event {
 
     /// The identity duplicates share: the same message and type, or, for
     /// events without a message id, the same type at the same second.
-    pub fn dedup_key(&self) -> String {
-        if self.message_id.is_empty() {
-            format!("{}\u{1f}@{}", self.kind.code(), self.at)
-        } else {
-            format!("{}\u{1f}{}", self.kind.code(), self.message_id)
+    /// Attribute updates have none: applying one twice changes nothing, and
+    /// two updates in one second must both count.
+    pub fn dedup_key(&self) -> Option<String> {
+        match (self.kind, self.message_id.is_empty()) {
+            (EventType::ContactUpdated, _) => None,
+            (_, true) => Some(format!("{}\u{1f}@{}", self.kind.code(), self.at)),
+            (_, false) => Some(format!("{}\u{1f}{}", self.kind.code(), self.message_id)),
         }
     }
 }

@@ -159,10 +159,6 @@ impl Engagement {
         Ok(self.store.profile(&contact_key(tenant, contact_id))?)
     }
 
-    pub fn contacts(&self) -> Result<u64, SendTimeError> {
-        Ok(self.store.contacts()?)
-    }
-
     /// Answers for a stored or inline contact. Blocking (a store read): call
     /// it off the async runtime for large batches.
     pub fn suggest(&self, tenant: &str, subject: Subject, req: &Request) -> Result<Suggestion, SendTimeError> {
@@ -182,7 +178,7 @@ impl Engagement {
         let channel = profile.main_channel();
         let channel_name = (channel != Channel::Unspecified).then(|| channel.name());
         let view = prior::view(&priors, tenant, channel_name, known.as_ref().and_then(|t| t.country.as_deref()));
-        let resolved = known.unwrap_or_else(|| tz::resolve(&profile.attrs, &profile.utc, &view.hours, &self.default_tz));
+        let resolved = known.unwrap_or_else(|| tz::infer(&profile.utc, &view.hours, &self.default_tz));
         let mut req = req.clone();
         if let Some(q) = profile.attrs.quiet_hours {
             req.quiet = q;
@@ -196,16 +192,52 @@ pub fn fold(attrs: ContactAttrs, events: &mut [Event], half_life_secs: f64) -> P
     let mut p = Profile { attrs, ..Profile::default() };
     events.sort_by_key(|e| e.at);
     let mut seen = HashSet::new();
+    let mut zones = ZoneCache::default();
     for e in events.iter() {
-        if !seen.insert(e.dedup_key()) {
+        if e.dedup_key().is_some_and(|k| !seen.insert(k)) {
             continue;
         }
-        let mut attrs = p.attrs.clone();
-        attrs.merge(&e.attrs);
-        let zone = tz::from_attrs(&attrs);
-        p.apply(e, zone.as_ref().map(|z| &z.tz), zone.as_ref().map_or("", |z| z.name.as_str()), half_life_secs);
+        apply_event(&mut p, e, &mut zones, half_life_secs);
     }
     p
+}
+
+/// The zone a contact's local hours are binned in, resolved again only when
+/// their attributes change: parsing a phone number costs far more than an event.
+#[derive(Default)]
+struct ZoneCache {
+    attrs: Option<ContactAttrs>,
+    zone: Option<tz::ResolvedTz>,
+}
+
+impl ZoneCache {
+    fn get(&mut self, attrs: &ContactAttrs) -> Option<&tz::ResolvedTz> {
+        if self.attrs.as_ref() != Some(attrs) {
+            self.zone = tz::from_attrs(attrs);
+            self.attrs = Some(attrs.clone());
+        }
+        self.zone.as_ref()
+    }
+}
+
+/// Folds one event in, binned in the zone the contact's attributes (with the
+/// event's own updates) give. Returns what the prior learns and the country.
+fn apply_event(p: &mut Profile, e: &Event, zones: &mut ZoneCache, half_life_secs: f64) -> (profile::Applied, Option<String>) {
+    let merged;
+    let attrs = if e.attrs.is_empty() {
+        &p.attrs
+    } else {
+        merged = {
+            let mut a = p.attrs.clone();
+            a.merge(&e.attrs);
+            a
+        };
+        &merged
+    };
+    let zone = zones.get(attrs);
+    let country = zone.and_then(|z| z.country.clone());
+    let applied = p.apply(e, zone.map(|z| &z.tz), zone.map_or("", |z| z.name.as_str()), half_life_secs);
+    (applied, country)
 }
 
 struct Writer {
@@ -272,8 +304,9 @@ impl Writer {
             Write::Close { .. } => Ok(Recorded::default()),
             Write::Delete { tenant, contact_id, .. } => {
                 let key = contact_key(tenant, contact_id);
-                let existed = b.load(&*self.store, &key)?.is_some();
+                let existed = b.take(&*self.store, &key)?.is_some();
                 b.profiles.insert(key.clone(), None);
+                b.zones.remove(&key);
                 b.seen.retain(|s| !s.starts_with(&store::seen_prefix(&key)));
                 b.deletes.push(key);
                 Ok(Recorded { accepted: existed as u64, duplicates: 0 })
@@ -281,25 +314,31 @@ impl Writer {
             Write::Events { tenant, events, .. } => {
                 let mut r = Recorded::default();
                 let hl = self.cfg.model.half_life_secs;
-                for e in events {
+                // One store read for the job's duplicate check, not one per event.
+                let dkeys: Vec<Option<String>> = events
+                    .iter()
+                    .map(|e| e.dedup_key().map(|k| format!("{}{k}", store::seen_prefix(&contact_key(tenant, &e.contact_id)))))
+                    .collect();
+                let lookup: Vec<&str> = dkeys.iter().flatten().map(String::as_str).collect();
+                let stored: HashSet<&str> = lookup.iter().zip(self.store.seen(&lookup)?).filter(|(_, s)| *s).map(|(k, _)| *k).collect();
+                for (e, dkey) in events.iter().zip(&dkeys) {
                     let key = contact_key(tenant, &e.contact_id);
-                    let dkey = format!("{}{}", store::seen_prefix(&key), e.dedup_key());
-                    if b.seen.contains(&dkey) || (!b.deleted(&key) && self.store.seen(&[dkey.as_str()])?[0]) {
-                        r.duplicates += 1;
-                        continue;
+                    if let Some(d) = dkey {
+                        if b.seen.contains(d) || (!b.deleted(&key) && stored.contains(d.as_str())) {
+                            r.duplicates += 1;
+                            continue;
+                        }
                     }
-                    let mut profile = b.load(&*self.store, &key)?.unwrap_or_default();
-                    let mut attrs = profile.attrs.clone();
-                    attrs.merge(&e.attrs);
-                    let zone = tz::from_attrs(&attrs);
-                    let applied = profile.apply(e, zone.as_ref().map(|z| &z.tz), zone.as_ref().map_or("", |z| z.name.as_str()), hl);
+                    let mut profile = b.take(&*self.store, &key)?.unwrap_or_default();
+                    let zones = b.zones.entry(key.clone()).or_default();
+                    let (applied, country) = apply_event(&mut profile, e, zones, hl);
                     let shared = self.priors.read().unwrap_or_else(|e| e.into_inner());
                     let mut levels = vec![prior::key(tenant, "*")];
                     let ch = profile.main_channel();
                     if ch != Channel::Unspecified {
                         levels.push(prior::key(tenant, &format!("channel:{}", ch.name())));
                     }
-                    if let Some(c) = zone.as_ref().and_then(|z| z.country.as_deref()) {
+                    if let Some(c) = country {
                         levels.push(prior::key(tenant, &format!("country:{c}")));
                     }
                     for level in levels {
@@ -316,7 +355,9 @@ impl Writer {
                     }
                     drop(shared);
                     b.profiles.insert(key, Some(profile));
-                    b.seen.insert(dkey);
+                    if let Some(d) = dkey {
+                        b.seen.insert(d.clone());
+                    }
                     r.accepted += 1;
                 }
                 Ok(r)
@@ -333,6 +374,7 @@ struct Batch {
     seen: HashSet<String>,
     priors: HashMap<String, PriorCounts>,
     deletes: Vec<String>,
+    zones: HashMap<String, ZoneCache>,
 }
 
 impl Batch {
@@ -340,11 +382,12 @@ impl Batch {
         matches!(self.profiles.get(key), Some(None))
     }
 
-    fn load(&mut self, store: &dyn EngagementStore, key: &str) -> Result<Option<Profile>, SendTimeError> {
-        if let Some(p) = self.profiles.get(key) {
-            return Ok(p.clone());
+    /// The contact's latest state, moved out of the batch (put it back after).
+    fn take(&mut self, store: &dyn EngagementStore, key: &str) -> Result<Option<Profile>, SendTimeError> {
+        match self.profiles.remove(key) {
+            Some(p) => Ok(p),
+            None => Ok(store.profile(key)?),
         }
-        Ok(store.profile(key)?)
     }
 }
 

@@ -4,7 +4,7 @@
 
 use super::prior::PriorCounts;
 use super::profile::Profile;
-use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +36,6 @@ pub trait EngagementStore: Send + Sync + 'static {
     fn priors(&self) -> Result<Vec<(String, PriorCounts)>, StoreError>;
     /// Returns only once the commit is durable.
     fn commit(&self, c: Commit) -> Result<(), StoreError>;
-    fn contacts(&self) -> Result<u64, StoreError>;
 }
 
 const PROFILES: TableDefinition<&str, &[u8]> = TableDefinition::new("profiles");
@@ -123,9 +122,4 @@ impl EngagementStore for RedbStore {
         tx.commit().map_err(backend)
     }
 
-    fn contacts(&self) -> Result<u64, StoreError> {
-        let tx = self.db.begin_read().map_err(backend)?;
-        let t = tx.open_table(PROFILES).map_err(backend)?;
-        t.len().map_err(backend)
-    }
 }

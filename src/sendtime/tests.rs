@@ -170,10 +170,12 @@ fn the_service_window_closes_24_hours_after_the_last_customer_message() {
     let mut evs = vec![ev(EventType::Inbound, t, "a"), ev(EventType::OutboundSent, t + 30 * 3600, "b"), ev(EventType::Read, t + 31 * 3600, "b")];
     let p = fold(with_zone("UTC"), &mut evs, 60.0 * 86_400.0);
     assert!(!answer(&p, t + 32 * 3600).messaging.open);
-    // Telegram has no such window.
-    let mut s = answer(&p, t + 32 * 3600);
-    s.messaging.channel = Channel::Telegram;
-    assert_eq!(Channel::Telegram.service_window_secs(), None);
+    // Telegram has no such window: the business may always write there.
+    let prior = builtin_prior();
+    let req = Request { now: t + 32 * 3600, horizon_secs: 86_400, channel: Channel::Telegram, quiet: QuietHours::NONE, max_windows: 1 };
+    let utc = tz::from_attrs(&p.attrs).unwrap();
+    let tg = suggest(&p, &prior, utc, &req, &ModelConfig::default()).messaging;
+    assert!(tg.open && !tg.template_required && tg.closes_at.is_none() && tg.channel == Channel::Telegram, "{tg:?}");
     // The best moment inside the window falls before it closes.
     let open = answer(&fold(with_zone("UTC"), &mut vec![ev(EventType::Inbound, t, "a")], 60.0 * 86_400.0), t + 3600);
     let within = open.best_time_in_service_window.unwrap();
@@ -254,6 +256,18 @@ async fn the_store_dedups_keeps_counts_across_reopen_and_deletes() {
     let s = e.suggest("t", Subject::Stored { tenant: "t".into(), contact_id: "c".into() }, &req).unwrap();
     assert!(s.prior.contains("tenant"), "{}", s.prior);
     assert!(matches!(e.suggest("t", Subject::Stored { tenant: "t".into(), contact_id: "nobody".into() }, &req), Err(super::SendTimeError::UnknownContact(_))));
+    // Two attribute updates in the same second both apply (they are not duplicates).
+    let update = |q: u16| Event {
+        kind: EventType::ContactUpdated,
+        at: local("UTC", "2026-03-28T09:00"),
+        message_id: String::new(),
+        attrs: ContactAttrs { quiet_hours: Some(QuietHours { start_min: q, end_min: 480 }), ..Default::default() },
+        ..ev(EventType::ContactUpdated, 0, "")
+    };
+    assert_eq!(e.record("t", vec![update(1200)]).await.unwrap().accepted, 1);
+    assert_eq!(e.record("t", vec![update(1320)]).await.unwrap().accepted, 1);
+    let p = e.profile("t", "c").unwrap().unwrap();
+    assert_eq!((p.attrs.quiet_hours.unwrap().start_min, p.events), (1320, 60));
     assert!(e.delete("t", "c").await.unwrap());
     assert!(e.profile("t", "c").unwrap().is_none());
     // Deleted means forgotten: the same events count again.

@@ -91,9 +91,11 @@ const MIN_INFER_WEIGHT: f32 = 6.0;
 /// Known zone, else the whole-hour UTC offset whose shift of the contact's UTC
 /// activity correlates best with the population's local day, else `default`.
 pub fn resolve(attrs: &ContactAttrs, utc: &[f32; HOURS], population_local: &[f32; HOURS], default: &ResolvedTz) -> ResolvedTz {
-    if let Some(r) = from_attrs(attrs) {
-        return r;
-    }
+    from_attrs(attrs).unwrap_or_else(|| infer(utc, population_local, default))
+}
+
+/// For a contact with no known zone: from their activity, else `default`.
+pub fn infer(utc: &[f32; HOURS], population_local: &[f32; HOURS], default: &ResolvedTz) -> ResolvedTz {
     if utc.iter().sum::<f32>() >= MIN_INFER_WEIGHT {
         if let Some(off) = infer_offset(utc, population_local) {
             let o = Offset::from_hours(off as i8).unwrap_or(Offset::UTC);

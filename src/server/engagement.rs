@@ -242,32 +242,22 @@ impl pb::engagement_server::Engagement for EngagementService {
         let mut index = 0usize;
         let mut done = false;
         while !done {
-            // Take what has arrived (at least one event), up to a chunk.
-            let mut chunk: Vec<(String, Event)> = Vec::new();
+            let (items, end) = next_chunk(&mut stream, RECORD_CHUNK).await?;
+            done = end;
             let now = now_secs();
-            while chunk.len() < RECORD_CHUNK {
-                let next = if chunk.is_empty() { Some(stream.next().await) } else { stream.next().now_or_never() };
-                match next {
-                    None => break,
-                    Some(None) => {
-                        done = true;
-                        break;
-                    }
-                    Some(Some(Err(status))) => return Err(status),
-                    Some(Some(Ok(e))) => {
-                        let field = format!("events[{index}]");
-                        index += 1;
-                        match event_from_wire(e, now, &field) {
-                            Ok(ev) => chunk.push(ev),
-                            Err(err) => {
-                                // Commit what came before, then say where it stopped.
-                                let r = self.record_chunk(std::mem::take(&mut chunk)).await?;
-                                let recorded = total.accepted + r.accepted + total.duplicates + r.duplicates;
-                                return Err(Status::invalid_argument(format!(
-                                    "{err} ({recorded} earlier events are recorded; sending the stream again is safe: duplicates are not counted twice)"
-                                )));
-                            }
-                        }
+            let mut chunk = Vec::with_capacity(items.len());
+            for e in items {
+                let field = format!("events[{index}]");
+                index += 1;
+                match event_from_wire(e, now, &field) {
+                    Ok(ev) => chunk.push(ev),
+                    Err(err) => {
+                        // Commit what came before, then say where it stopped.
+                        let r = self.record_chunk(chunk).await?;
+                        let recorded = total.accepted + r.accepted + total.duplicates + r.duplicates;
+                        return Err(Status::invalid_argument(format!(
+                            "{err} ({recorded} earlier events are recorded; sending the stream again is safe: duplicates are not counted twice)"
+                        )));
                     }
                 }
             }
@@ -291,8 +281,6 @@ impl pb::engagement_server::Engagement for EngagementService {
             return Err(SendTimeError::invalid("attributes", "set at least one attribute").into());
         }
         let ev = Event { contact_id: r.contact_id, kind: EventType::ContactUpdated, at: now_secs(), channel: Channel::Unspecified, message_id: String::new(), attrs };
-        // Attribute updates are never duplicates of each other.
-        let ev = Event { message_id: format!("attrs-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()), ..ev };
         self.engagement.record(&r.tenant, vec![ev]).await?;
         Ok(Response::new(pb::SetContactResponse {}))
     }
@@ -335,23 +323,13 @@ impl pb::engagement_server::Engagement for EngagementService {
         let (tx, rx) = mpsc::channel::<Result<pb::ContactScore, Status>>(SCORE_CHUNK);
         tokio::spawn(async move {
             loop {
-                let mut chunk = Vec::new();
-                let mut end = false;
-                while chunk.len() < SCORE_CHUNK {
-                    let next = if chunk.is_empty() { Some(input.next().await) } else { input.next().now_or_never() };
-                    match next {
-                        None => break,
-                        Some(None) => {
-                            end = true;
-                            break;
-                        }
-                        Some(Some(Err(status))) => {
-                            let _ = tx.send(Err(status)).await;
-                            return;
-                        }
-                        Some(Some(Ok(r))) => chunk.push(r),
+                let (chunk, end) = match next_chunk(&mut input, SCORE_CHUNK).await {
+                    Ok(c) => c,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
                     }
-                }
+                };
                 if !chunk.is_empty() {
                     let e = engagement.clone();
                     let scored = tokio::task::spawn_blocking(move || {
@@ -378,6 +356,21 @@ impl pb::engagement_server::Engagement for EngagementService {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// What has already arrived on a client stream (waiting only for the first
+/// item), up to `max`, and whether the stream has ended.
+async fn next_chunk<T>(stream: &mut tonic::Streaming<T>, max: usize) -> Result<(Vec<T>, bool), Status> {
+    let mut chunk = Vec::new();
+    while chunk.len() < max {
+        let next = if chunk.is_empty() { Some(stream.next().await) } else { stream.next().now_or_never() };
+        match next {
+            None => return Ok((chunk, false)),
+            Some(None) => return Ok((chunk, true)),
+            Some(Some(item)) => chunk.push(item?),
+        }
+    }
+    Ok((chunk, false))
 }
 
 impl EngagementService {
