@@ -293,6 +293,7 @@ fn score(
         horizon_secs: horizon,
         channel,
         quiet: cfg.quiet_hours,
+        default_tz: cfg.default_tz,
         model: cfg.model,
         on_error,
         grouped,

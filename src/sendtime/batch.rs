@@ -5,7 +5,7 @@
 
 use super::events::{fmt_time, Channel, ContactAttrs, Event};
 use super::file::{read_events, FileError, Format};
-use super::model::{builtin_prior, ModelConfig, Request, Suggestion};
+use super::model::{builtin_prior, ModelConfig, PriorView, Request, Suggestion};
 use super::profile::Profile;
 use super::tz::{self, ResolvedTz, TzSource};
 use rayon::prelude::*;
@@ -29,6 +29,8 @@ pub struct ScoreJob {
     pub horizon_secs: i64,
     pub channel: Channel,
     pub quiet: super::events::QuietHours,
+    /// IANA zone for contacts with no zone, phone, country or enough activity.
+    pub default_tz: String,
     pub model: ModelConfig,
     pub on_error: OnError,
     pub grouped: bool,
@@ -53,6 +55,8 @@ pub enum ScoreError {
     File(#[from] FileError),
     #[error("{0}")]
     Write(String),
+    #[error("{0}")]
+    Invalid(String),
     #[error("{path}: contact {contact:?} reappears at row {row} after its rows ended; sort the file by contact or drop --grouped")]
     NotGrouped { path: String, contact: String, row: u64 },
 }
@@ -66,6 +70,10 @@ struct Pending {
 /// Runs the job; the output file appears (renamed into place) only when the
 /// job succeeds, so a stopped job leaves nothing half-written.
 pub fn score_file(job: &ScoreJob) -> Result<ScoreSummary, ScoreError> {
+    let zone = jiff::tz::TimeZone::get(&job.default_tz)
+        .map_err(|_| ScoreError::Invalid(format!("--default-time-zone: unknown IANA time zone {:?}", job.default_tz)))?;
+    let default = ResolvedTz { tz: zone, name: job.default_tz.clone(), source: TzSource::Default, country: None, approximate: false };
+    let prior = builtin_prior();
     let tmp = job.out.with_extension(format!("{}.partial", job.out.extension().and_then(|e| e.to_str()).unwrap_or("out")));
     let werr = |e: std::io::Error| ScoreError::Write(format!("{}: {e}", tmp.display()));
     let file = std::fs::File::create(&tmp).map_err(werr)?;
@@ -87,7 +95,7 @@ pub fn score_file(job: &ScoreJob) -> Result<ScoreSummary, ScoreError> {
     let mut write_err = None;
 
     let flush = |batch: Vec<Pending>, out: &mut std::io::BufWriter<std::fs::File>| -> std::io::Result<()> {
-        let lines: Vec<String> = batch.into_par_iter().map(|p| render(&score(p, job), jsonl)).collect();
+        let lines: Vec<String> = batch.into_par_iter().map(|p| render(&score(p, job, &prior, &default), jsonl)).collect();
         for l in lines {
             out.write_all(l.as_bytes())?;
         }
@@ -161,14 +169,12 @@ pub fn score_file(job: &ScoreJob) -> Result<ScoreSummary, ScoreError> {
     Ok(summary)
 }
 
-fn score(mut p: Pending, job: &ScoreJob) -> (String, Suggestion) {
+fn score(mut p: Pending, job: &ScoreJob, prior: &PriorView, default: &ResolvedTz) -> (String, Suggestion) {
     let profile: Profile = super::fold(p.attrs, &mut p.events, job.model.half_life_secs);
-    let prior = builtin_prior();
-    let default = ResolvedTz { tz: jiff::tz::TimeZone::UTC, name: "UTC".into(), source: TzSource::Default, country: None, approximate: false };
-    let tz = tz::resolve(&profile.attrs, &profile.utc, &prior.hours, &default);
+    let tz = tz::resolve(&profile.attrs, &profile.utc, &prior.hours, default);
     let quiet = profile.attrs.quiet_hours.unwrap_or(job.quiet);
     let req = Request { now: job.now, horizon_secs: job.horizon_secs, channel: job.channel, quiet, max_windows: 1 };
-    (p.id, super::model::suggest(&profile, &prior, tz, &req, &job.model))
+    (p.id, super::model::suggest(&profile, prior, tz, &req, &job.model))
 }
 
 fn id_hash(s: &str) -> u64 {
