@@ -58,12 +58,12 @@ fn csv_scores_every_contact_and_reports_broken_rows() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("row 13"), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!out2.exists() && !dir.join("stopped.csv.partial").exists());
 
-    // --grouped refuses a contact whose rows are split, rather than scoring it twice.
+    // --grouped with a contact's rows split: within one chunk they are merged
+    // and the contact is scored once.
     let mut split = csv_rows();
     split += "ana,INBOUND_MESSAGE,2026-03-20T15:00:00Z,WHATSAPP,late,,\n";
     std::fs::write(&events, split).unwrap();
     let o = score(&events, &dir.join("g.csv"), &["--grouped"]);
-    // Small files fit in one chunk, so the reappearance is merged, not refused.
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(std::fs::read_to_string(dir.join("g.csv")).unwrap().lines().filter(|l| l.starts_with("ana,")).count(), 1);
 }
