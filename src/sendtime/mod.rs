@@ -378,8 +378,10 @@ struct Batch {
 }
 
 impl Batch {
+    /// Deleted in this batch: the store's duplicate records for it are going,
+    /// even if events re-created the contact after the delete.
     fn deleted(&self, key: &str) -> bool {
-        matches!(self.profiles.get(key), Some(None))
+        self.deletes.iter().any(|d| d == key)
     }
 
     /// The contact's latest state, moved out of the batch (put it back after).
