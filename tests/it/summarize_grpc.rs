@@ -1,9 +1,9 @@
 //! The Assist service over real gRPC, on the real default summarizer
 //! (Qwen2.5-Coder-1.5B-Instruct Q4_K_M) and, for plumbing, the SmolLM2 fixture.
 
-mod common;
+use crate::common;
 
-use common::{default_server, fixture_server, llm_files, TestServer};
+use crate::common::{default_server, fixture_server, llm_files, TestServer};
 use palaver::models;
 use palaver::proto::v1::{self as pb, summarize_chunk::Chunk};
 use palaver::server::ServeOptions;

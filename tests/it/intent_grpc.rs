@@ -3,9 +3,9 @@
 //! sentiment and urgency, batching, streaming, Analyze, and every bad input.
 //! The summarizer is the tiny fixture: these tests are not about summaries.
 
-mod common;
+use crate::common;
 
-use common::{fixture_server, llm_files, temp_dir, TestServer};
+use crate::common::{fixture_server, llm_files, temp_dir, TestServer};
 use palaver::intent::IntentConfig;
 use palaver::models;
 use palaver::proto::v1::{self as pb, classify_intent_request::Input};

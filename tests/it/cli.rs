@@ -1,7 +1,7 @@
 //! The binary as a newcomer runs it: `palaver serve` answering gRPC, and
 //! `palaver summarize -` printing JSON. Uses the SmolLM2 fixture for speed.
 
-mod common;
+use crate::common;
 
 use palaver::models;
 use palaver::proto::v1 as pb;

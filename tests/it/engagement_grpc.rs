@@ -1,7 +1,7 @@
 //! The Engagement service over real gRPC: ingest, answers, batch scoring,
 //! every bad input, and durability across `kill -9` of the real binary.
 
-mod common;
+use crate::common;
 
 use palaver::proto::v1 as pb;
 use palaver::proto::v1::engagement_client::EngagementClient;

@@ -1,6 +1,6 @@
 //! `palaver score` on CSV, JSONL and Parquet events files, with broken rows.
 
-mod common;
+use crate::common;
 
 use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
 use std::process::Command;

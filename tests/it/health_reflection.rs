@@ -1,9 +1,9 @@
 //! Health reports NOT_SERVING until the model is loaded (and keeps saying so
 //! when it cannot load); reflection lets grpcurl work without the protos.
 
-mod common;
+use crate::common;
 
-use common::{default_opts, fixture_server, llm_files, TestServer};
+use crate::common::{default_opts, fixture_server, llm_files, TestServer};
 use palaver::models::{self, LlmFiles};
 use palaver::proto::v1 as pb;
 use palaver::summarize::SummarizeConfig;

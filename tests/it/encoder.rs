@@ -2,7 +2,7 @@
 //! padded batch equals the text embedded alone, concurrent callers share
 //! forward passes, and translations land close together.
 
-mod common;
+use crate::common;
 
 use palaver::encoder::dot;
 

@@ -1,12 +1,12 @@
 //! Model preparation: hashes, repair of corrupted files, the offline hub path,
 //! and that the converted multilingual encoder really encodes meaning.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
-use common::{llm_files, models_dir};
+use crate::common::{llm_files, models_dir};
 use palaver::llm::{GenerateParams, Llm};
 use palaver::models::{self, FetchOptions, HubOptions};
 use std::fs;
