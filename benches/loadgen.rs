@@ -24,7 +24,7 @@ fn start_server() -> String {
     let dir = std::env::var_os("PALAVER_MODELS_DIR").map(Into::into).unwrap_or_else(models::default_models_dir);
     let opts = FetchOptions::new(dir.clone());
     models::fetch_models(&[models::FIXTURE_LLM, models::DEFAULT_ENCODER], &opts).expect("fetch");
-    let llm = LlmHandle::spawn(models::resolve_llm(models::FIXTURE_LLM, &dir, &HubOptions::default()).unwrap(), candle_core::Device::Cpu).unwrap();
+    let llm = LlmHandle::spawn(models::resolve_llm(models::FIXTURE_LLM, &dir, &HubOptions::default()).unwrap(), candle_core::Device::Cpu, palaver::llm::LlmOptions { prefix_cache_bytes: 256 << 20, ..Default::default() }).unwrap();
     let files = models::resolve_encoder(models::DEFAULT_ENCODER, &dir).unwrap();
     let encoder = EncoderHandle::spawn(files, candle_core::Device::Cpu, BatchPolicy::default(), Duration::from_millis(2), 256, Precision::Auto).unwrap();
     let store = std::env::temp_dir().join(format!("palaver-loadgen-{}", std::process::id()));

@@ -1,15 +1,20 @@
-//! Causal language models from GGUF files (candle's quantized Qwen2 and Llama),
-//! greedy generation with streaming, and the thread that owns a loaded model.
+//! Causal language models from GGUF files (Qwen2 and Llama architectures, run
+//! by palaver's own forward in `transformer`), greedy generation with
+//! streaming, prompt reuse per conversation, and the thread that owns a model.
 
+pub mod batching;
+pub mod kv;
+pub mod transformer;
 mod worker;
 
-pub use worker::{wait_not_loading, LlmHandle, LlmStats, ModelState};
+pub use worker::{wait_not_loading, LlmHandle, LlmOptions, LlmStats, ModelState};
 
 use crate::models::LlmFiles;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
-use candle_transformers::models::{quantized_llama, quantized_qwen2};
+use kv::{PrefixCache, SeqCache};
 use std::io::BufReader;
+use transformer::{Step, Transformer};
 use std::time::{Duration, Instant};
 use tokenizers::Tokenizer;
 
@@ -33,22 +38,6 @@ pub enum LlmError {
     WorkerGone,
 }
 
-enum Weights {
-    Qwen2(quantized_qwen2::ModelWeights),
-    Llama(quantized_llama::ModelWeights),
-}
-
-impl Weights {
-    /// Logits of the last position. `index_pos == 0` starts a fresh sequence
-    /// (both models then drop their KV cache).
-    fn forward(&mut self, x: &Tensor, index_pos: usize) -> candle_core::Result<Tensor> {
-        match self {
-            Weights::Qwen2(m) => m.forward(x, index_pos),
-            Weights::Llama(m) => m.forward(x, index_pos),
-        }
-    }
-}
-
 /// Why generation stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
@@ -60,6 +49,8 @@ pub enum StopReason {
 pub struct Generation {
     pub text: String,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from the conversation's cache.
+    pub reused_prompt_tokens: usize,
     pub generated_tokens: usize,
     pub stop: StopReason,
     pub queue: Duration,
@@ -85,15 +76,19 @@ impl Default for GenerateParams {
 
 pub struct Llm {
     id: String,
-    weights: Weights,
+    model: Transformer,
     tokenizer: Tokenizer,
     eos: Vec<u32>,
     context: usize,
-    device: Device,
+    /// Caches of finished sequences, reused to keep their buffers.
+    spare: Vec<SeqCache>,
+    prefixes: PrefixCache,
 }
 
 impl Llm {
-    pub fn load(files: &LlmFiles, device: &Device) -> Result<Self, LlmError> {
+    /// Loads a GGUF model; `prefix_cache_bytes` bounds the prompt caches kept
+    /// per conversation (0 turns reuse off).
+    pub fn load(files: &LlmFiles, device: &Device, prefix_cache_bytes: usize) -> Result<Self, LlmError> {
         let load = |e: &dyn std::fmt::Display| LlmError::Load(format!("{}: {e}", files.gguf.display()));
         let tokenizer = Tokenizer::from_file(&files.tokenizer).map_err(|e| load(&e))?;
         let mut r = BufReader::new(std::fs::File::open(&files.gguf).map_err(|e| load(&e))?);
@@ -104,23 +99,17 @@ impl Llm {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .unwrap_or_default();
-        let ctx_key = format!("{arch}.context_length");
-        let mut context = content.metadata.get(&ctx_key).and_then(|v| v.to_u32().ok()).unwrap_or(4096) as usize;
         let mut eos: Vec<u32> = content
             .metadata
             .get("tokenizer.ggml.eos_token_id")
             .and_then(|v| v.to_u32().ok())
             .into_iter()
             .collect();
-        let weights = match arch.as_str() {
-            "qwen2" => Weights::Qwen2(quantized_qwen2::ModelWeights::from_gguf(content, &mut r, device)?),
-            "llama" => {
-                // candle's quantized llama precomputes rotary tables for this many positions.
-                context = context.min(quantized_llama::MAX_SEQ_LEN);
-                Weights::Llama(quantized_llama::ModelWeights::from_gguf(content, &mut r, device)?)
-            }
-            other => return Err(LlmError::Load(format!("unsupported architecture `{other}` (qwen2, llama)"))),
-        };
+        if !matches!(arch.as_str(), "qwen2" | "llama") {
+            return Err(LlmError::Load(format!("unsupported architecture `{arch}` (qwen2, llama)")));
+        }
+        let model = Transformer::from_gguf(&content, &mut r, device)?;
+        let context = model.config().context;
         // ChatML models end a turn with <|im_end|>; stop there whatever the GGUF says.
         for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
             if let Some(id) = tokenizer.token_to_id(t) {
@@ -129,7 +118,15 @@ impl Llm {
                 }
             }
         }
-        Ok(Self { id: files.id.clone(), weights, tokenizer, eos, context, device: device.clone() })
+        Ok(Self {
+            id: files.id.clone(),
+            model,
+            tokenizer,
+            eos,
+            context,
+            spare: Vec::new(),
+            prefixes: PrefixCache::new(prefix_cache_bytes),
+        })
     }
 
     pub fn id(&self) -> &str {
@@ -144,60 +141,200 @@ impl Llm {
         self.context
     }
 
+    pub fn transformer(&self) -> &Transformer {
+        &self.model
+    }
+
+    /// Bytes held by the per-conversation prompt caches.
+    pub fn prefix_cache_bytes(&self) -> usize {
+        self.prefixes.bytes()
+    }
+
     /// Greedy generation. `on_text` receives each new piece of decoded text and
-    /// returns false to stop (the client went away).
+    /// returns false to stop (the client went away). With a `conversation` key,
+    /// the longest prefix of `prompt` cached for it is not recomputed, and this
+    /// prompt's cache replaces it. The model thread runs the same steps for
+    /// many sequences at once (`worker`); this is the one-sequence loop.
     pub fn generate(
         &mut self,
         prompt: &[u32],
+        conversation: Option<&str>,
         params: &GenerateParams,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation, LlmError> {
-        let max_new = params.max_new_tokens.min(self.context.saturating_sub(prompt.len()));
-        if prompt.is_empty() || prompt.len() >= self.context {
-            return Err(LlmError::ContextExceeded { tokens: prompt.len(), limit: self.context });
-        }
-        let t0 = Instant::now();
-        let input = Tensor::new(prompt, &self.device)?.unsqueeze(0)?;
-        let mut logits = self.weights.forward(&input, 0)?;
-        let prompt_time = t0.elapsed();
-
-        let t1 = Instant::now();
-        let mut out: Vec<u32> = Vec::with_capacity(max_new);
-        let mut decoder = IncrementalDecoder::default();
-        let mut stop = StopReason::MaxTokens;
-        while out.len() < max_new {
-            let mut l = logits.squeeze(0)?;
-            if params.repeat_penalty != 1.0 && !out.is_empty() {
-                let start = out.len().saturating_sub(params.repeat_last_n);
-                l = candle_transformers::utils::apply_repeat_penalty(&l, params.repeat_penalty, &out[start..])?;
-            }
-            let next = l.argmax(0)?.to_scalar::<u32>()?;
-            if self.eos.contains(&next) {
-                stop = StopReason::EndOfText;
-                break;
-            }
-            out.push(next);
-            if let Some(piece) = decoder.push(&self.tokenizer, &out)? {
-                if !on_text(&piece) {
+        let mut s = self.start(prompt.to_vec(), conversation.map(str::to_string), params.clone())?;
+        let chunk = batching::BatchPolicy::default().prompt_chunk;
+        while !s.is_done() {
+            let piece = if s.prompt_left() > 0 {
+                self.read_prompt(&mut s, chunk)?
+            } else {
+                self.decode(&mut [&mut s])?.pop().flatten()
+            };
+            if let Some(p) = piece {
+                if !on_text(&p) {
+                    self.release(s);
                     return Err(LlmError::Cancelled);
                 }
             }
-            if out.len() == max_new {
-                break;
-            }
-            let input = Tensor::new(&[next], &self.device)?.unsqueeze(0)?;
-            logits = self.weights.forward(&input, prompt.len() + out.len() - 1)?;
         }
-        let text = self.tokenizer.decode(&out, true).map_err(|e| LlmError::Tokenizer(e.to_string()))?;
-        Ok(Generation {
-            text,
-            prompt_tokens: prompt.len(),
-            generated_tokens: out.len(),
-            stop,
-            queue: Duration::ZERO,
-            prompt_time,
-            generation_time: t1.elapsed(),
+        self.finish(s)
+    }
+
+    /// Begins a sequence: checks its length and loads the conversation's cached
+    /// prefix, if any.
+    pub fn start(
+        &mut self,
+        prompt: Vec<u32>,
+        conversation: Option<String>,
+        params: GenerateParams,
+    ) -> Result<Sequence, LlmError> {
+        if prompt.is_empty() || prompt.len() >= self.context {
+            return Err(LlmError::ContextExceeded { tokens: prompt.len(), limit: self.context });
+        }
+        let mut cache = self.spare.pop().unwrap_or_else(|| self.model.new_cache());
+        let reused = match &conversation {
+            Some(key) => self.prefixes.load(key, &prompt, &mut cache)?,
+            None => {
+                cache.truncate(0);
+                0
+            }
+        };
+        let max_new = params.max_new_tokens.min(self.context - prompt.len());
+        Ok(Sequence {
+            read: reused,
+            reused,
+            max_new,
+            prompt,
+            conversation,
+            params,
+            cache,
+            out: Vec::new(),
+            decoder: IncrementalDecoder::default(),
+            stop: None,
+            started: Instant::now(),
+            prompt_time: Duration::ZERO,
+            generation_started: None,
         })
+    }
+
+    /// Reads up to `n` more prompt tokens of `s`; once the prompt is read,
+    /// chooses the first answer token and returns its text, if any yet.
+    pub fn read_prompt(&mut self, s: &mut Sequence, n: usize) -> Result<Option<String>, LlmError> {
+        let end = s.prompt.len().min(s.read + n.max(1));
+        let logits = self.model.forward_many(&mut [Step { tokens: &s.prompt[s.read..end], cache: &mut s.cache }], true)?;
+        s.read = end;
+        if s.read < s.prompt.len() {
+            return Ok(None);
+        }
+        if let Some(key) = &s.conversation {
+            self.prefixes.store(key, &s.prompt, &s.cache)?;
+        }
+        s.prompt_time = s.started.elapsed();
+        s.generation_started = Some(Instant::now());
+        self.accept(s, &logits.squeeze(0)?)
+    }
+
+    /// One decode step for every sequence given (all past their prompt): one
+    /// pass over the weights for all of them. Returns each one's new text.
+    pub fn decode(&mut self, seqs: &mut [&mut Sequence]) -> Result<Vec<Option<String>>, LlmError> {
+        let mut steps: Vec<Step> = seqs
+            .iter_mut()
+            .map(|s| {
+                let last = s.out.last().expect("decode after the first token");
+                Step { tokens: std::slice::from_ref(last), cache: &mut s.cache }
+            })
+            .collect();
+        let logits = self.model.forward_many(&mut steps, false)?;
+        drop(steps);
+        let mut pieces = Vec::with_capacity(seqs.len());
+        for (i, s) in seqs.iter_mut().enumerate() {
+            pieces.push(self.accept(s, &logits.get(i)?)?);
+        }
+        Ok(pieces)
+    }
+
+    /// Chooses the next token from `logits` (greedy with a repeat penalty).
+    fn accept(&self, s: &mut Sequence, logits: &Tensor) -> Result<Option<String>, LlmError> {
+        if s.out.len() >= s.max_new {
+            s.stop = Some(StopReason::MaxTokens);
+            return Ok(None);
+        }
+        let p = &s.params;
+        let mut l = logits.clone();
+        if p.repeat_penalty != 1.0 && !s.out.is_empty() {
+            let start = s.out.len().saturating_sub(p.repeat_last_n);
+            l = candle_transformers::utils::apply_repeat_penalty(&l, p.repeat_penalty, &s.out[start..])?;
+        }
+        let next = transformer::argmax(&l)?;
+        if self.eos.contains(&next) {
+            s.stop = Some(StopReason::EndOfText);
+            return Ok(None);
+        }
+        s.out.push(next);
+        if s.out.len() >= s.max_new {
+            s.stop = Some(StopReason::MaxTokens);
+        }
+        s.decoder.push(&self.tokenizer, &s.out)
+    }
+
+    /// The finished sequence's result; its cache goes back to the pool.
+    pub fn finish(&mut self, s: Sequence) -> Result<Generation, LlmError> {
+        let text = self.tokenizer.decode(&s.out, true).map_err(|e| LlmError::Tokenizer(e.to_string()));
+        let g = Generation {
+            text: text?,
+            prompt_tokens: s.prompt.len(),
+            reused_prompt_tokens: s.reused,
+            generated_tokens: s.out.len(),
+            stop: s.stop.unwrap_or(StopReason::MaxTokens),
+            queue: Duration::ZERO,
+            prompt_time: s.prompt_time,
+            generation_time: s.generation_started.map(|t| t.elapsed()).unwrap_or_default(),
+        };
+        self.release(s);
+        Ok(g)
+    }
+
+    /// Drops a sequence, keeping its cache buffers for the next one.
+    pub fn release(&mut self, s: Sequence) {
+        if self.spare.len() < MAX_SPARE_CACHES {
+            self.spare.push(s.cache);
+        }
+    }
+}
+
+/// Idle sequence caches kept for reuse (each holds its largest size so far).
+const MAX_SPARE_CACHES: usize = 4;
+
+/// One request being generated: its cache, its answer so far, its timings.
+pub struct Sequence {
+    prompt: Vec<u32>,
+    conversation: Option<String>,
+    params: GenerateParams,
+    cache: SeqCache,
+    /// Prompt tokens in the cache (reused ones included).
+    read: usize,
+    reused: usize,
+    max_new: usize,
+    out: Vec<u32>,
+    decoder: IncrementalDecoder,
+    stop: Option<StopReason>,
+    started: Instant,
+    prompt_time: Duration,
+    generation_started: Option<Instant>,
+}
+
+impl Sequence {
+    pub fn prompt_left(&self) -> usize {
+        self.prompt.len() - self.read
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.stop.is_some()
+    }
+
+    /// Tokens this sequence may occupy in its cache: prompt + answer budget.
+    pub fn reserved(&self) -> usize {
+        self.prompt.len() + self.max_new
     }
 }
 

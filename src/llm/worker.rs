@@ -1,8 +1,13 @@
 //! One thread owns the model; requests reach it through a channel and get
-//! their result through a one-shot reply. A request whose caller went away
-//! (client cancelled, deadline passed) is skipped or stopped mid-generation.
+//! their result through a one-shot reply. Requests join a running batch
+//! between passes (continuous batching, see `batching`): every decode step
+//! serves all generating sequences with one read of the weights. A request
+//! whose caller went away (client cancelled, deadline passed) leaves the queue
+//! or the batch at the next pass.
 
-use super::{GenerateParams, Generation, Llm, LlmError};
+use super::batching::{self, BatchPolicy, Pass, Scheduler};
+use super::{GenerateParams, Generation, Llm, LlmError, Sequence};
+use std::collections::VecDeque;
 use crate::models::LlmFiles;
 use candle_core::Device;
 use std::panic::AssertUnwindSafe;
@@ -29,6 +34,8 @@ pub async fn wait_not_loading(mut state: watch::Receiver<ModelState>) -> ModelSt
 
 struct GenerateJob {
     prompt: Vec<u32>,
+    /// Conversation whose cached prompt prefix may be reused.
+    conversation: Option<String>,
     params: GenerateParams,
     /// Receives decoded text pieces as they are generated.
     stream: Option<mpsc::UnboundedSender<String>>,
@@ -42,6 +49,8 @@ struct Counters {
     completed: AtomicU64,
     cancelled: AtomicU64,
     failed: AtomicU64,
+    decode_passes: AtomicU64,
+    decode_rows: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +59,18 @@ pub struct LlmStats {
     /// Stopped because the caller went away (queued or mid-generation).
     pub cancelled: u64,
     pub failed: u64,
+    /// Decode steps run, and sequences served by them: rows / passes is the
+    /// mean batch size.
+    pub decode_passes: u64,
+    pub decode_rows: u64,
+}
+
+/// How the model thread serves requests.
+#[derive(Debug, Clone, Default)]
+pub struct LlmOptions {
+    /// Bounds the prompt caches kept per conversation (0: no reuse).
+    pub prefix_cache_bytes: usize,
+    pub batch: BatchPolicy,
 }
 
 /// Cheap to clone; every clone talks to the same model thread.
@@ -65,7 +86,7 @@ pub struct LlmHandle {
 impl LlmHandle {
     /// Starts the model thread; the model loads there, so the caller (and the
     /// health service) does not wait for it.
-    pub fn spawn(files: LlmFiles, device: Device) -> Result<Self, LlmError> {
+    pub fn spawn(files: LlmFiles, device: Device, opts: LlmOptions) -> Result<Self, LlmError> {
         let tokenizer = Tokenizer::from_file(&files.tokenizer)
             .map_err(|e| LlmError::Load(format!("{}: {e}", files.tokenizer.display())))?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -75,7 +96,7 @@ impl LlmHandle {
         let c = counters.clone();
         std::thread::Builder::new()
             .name("palaver-llm".into())
-            .spawn(move || run(files, device, rx, state_tx, &c))
+            .spawn(move || run(files, device, opts, rx, state_tx, &c))
             .map_err(|e| LlmError::Load(e.to_string()))?;
         Ok(Self { id, counters, tokenizer: Arc::new(tokenizer), tx, state })
     }
@@ -93,6 +114,8 @@ impl LlmHandle {
             completed: self.counters.completed.load(Ordering::Relaxed),
             cancelled: self.counters.cancelled.load(Ordering::Relaxed),
             failed: self.counters.failed.load(Ordering::Relaxed),
+            decode_passes: self.counters.decode_passes.load(Ordering::Relaxed),
+            decode_rows: self.counters.decode_rows.load(Ordering::Relaxed),
         }
     }
 
@@ -109,6 +132,7 @@ impl LlmHandle {
     pub async fn generate(
         &self,
         prompt: Vec<u32>,
+        conversation: Option<String>,
         params: GenerateParams,
         stream: Option<mpsc::UnboundedSender<String>>,
     ) -> Result<Generation, LlmError> {
@@ -118,7 +142,7 @@ impl LlmHandle {
             ModelState::Failed(e) => return Err(LlmError::LoadFailed(e)),
         }
         let (reply, rx) = oneshot::channel();
-        let job = GenerateJob { prompt, params, stream, enqueued: Instant::now(), reply };
+        let job = GenerateJob { prompt, conversation, params, stream, enqueued: Instant::now(), reply };
         self.tx.send(job).map_err(|_| LlmError::WorkerGone)?;
         rx.await.map_err(|_| LlmError::WorkerGone)?
     }
@@ -127,12 +151,13 @@ impl LlmHandle {
 fn run(
     files: LlmFiles,
     device: Device,
+    opts: LlmOptions,
     mut rx: mpsc::UnboundedReceiver<GenerateJob>,
     state: watch::Sender<ModelState>,
     counters: &Counters,
 ) {
     let t = Instant::now();
-    let mut llm = match Llm::load(&files, &device) {
+    let mut llm = match Llm::load(&files, &device, opts.prefix_cache_bytes) {
         Ok(m) => {
             tracing::info!(model = %files.id, secs = t.elapsed().as_secs_f32(), "model loaded");
             let _ = state.send(ModelState::Ready { context: m.context_len() });
@@ -148,33 +173,146 @@ fn run(
             return;
         }
     };
-    while let Some(job) = rx.blocking_recv() {
-        if job.reply.is_closed() {
-            counters.cancelled.fetch_add(1, Ordering::Relaxed); // cancelled while queued
+    let policy = opts.batch;
+    let mut waiting: VecDeque<GenerateJob> = VecDeque::new();
+    let mut batch: Vec<Member> = Vec::new();
+    let mut sched = Scheduler::default();
+    loop {
+        // Idle: sleep until a request comes; busy: take what has arrived.
+        if batch.is_empty() && waiting.is_empty() {
+            match rx.blocking_recv() {
+                Some(job) => waiting.push_back(job),
+                None => return,
+            }
+        }
+        while let Ok(job) = rx.try_recv() {
+            waiting.push_back(job);
+        }
+        // Callers that went away (client cancelled, deadline passed) leave now.
+        waiting.retain(|j| {
+            let gone = j.reply.is_closed();
+            if gone {
+                counters.cancelled.fetch_add(1, Ordering::Relaxed);
+            }
+            !gone
+        });
+        for m in std::mem::take(&mut batch) {
+            if m.job.reply.is_closed() {
+                counters.cancelled.fetch_add(1, Ordering::Relaxed);
+                llm.release(m.seq);
+            } else {
+                batch.push(m);
+            }
+        }
+        // Admission in arrival order under the sequence and token budgets.
+        let view: Vec<_> = batch.iter().map(Member::view).collect();
+        let needs: VecDeque<usize> = waiting.iter().map(|j| j.prompt.len() + j.params.max_new_tokens).collect();
+        for _ in 0..policy.admit(&view, &needs) {
+            let job = waiting.pop_front().expect("admitted from the queue");
+            let queue = job.enqueued.elapsed();
+            match llm.start(job.prompt.clone(), job.conversation.clone(), job.params.clone()) {
+                Ok(seq) => batch.push(Member { job, seq, queue }),
+                Err(e) => {
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                    let _ = job.reply.send(Err(e));
+                }
+            }
+        }
+        let view: Vec<_> = batch.iter().map(Member::view).collect();
+        let Some(pass) = sched.next(&policy, &view) else { continue };
+        if pass == Pass::Decode {
+            counters.decode_passes.fetch_add(1, Ordering::Relaxed);
+            counters.decode_rows.fetch_add(view.iter().filter(|m| m.prompt_left == 0).count() as u64, Ordering::Relaxed);
+        }
+        // A panic inside candle must not take the model thread down with it.
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_pass(&mut llm, &mut batch, pass)))
+            .unwrap_or_else(|_| Err(LlmError::Candle(candle_core::Error::Msg("inference panicked".into()))));
+        let in_pass = |i: usize| match pass {
+            Pass::Prompt { member, .. } => i == member,
+            Pass::Decode => batch[i].seq.prompt_left() == 0,
+        };
+        if let Err(e) = outcome {
+            // The pass failed: its sequences end with the error, the others go on.
+            let failed: Vec<usize> = (0..batch.len()).filter(|&i| in_pass(i)).collect();
+            for i in failed.into_iter().rev() {
+                let m = batch.remove(i);
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                let _ = m.job.reply.send(Err(clone_error(&e)));
+            }
             continue;
         }
-        let queue = job.enqueued.elapsed();
-        let reply = &job.reply;
-        let stream = &job.stream;
-        // A panic inside candle must not take the model thread down with it.
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            llm.generate(&job.prompt, &job.params, |piece| {
-                if reply.is_closed() {
-                    return false;
-                }
-                stream.as_ref().is_none_or(|s| s.send(piece.to_string()).is_ok())
-            })
-        }))
-        .unwrap_or_else(|_| Err(LlmError::Candle(candle_core::Error::Msg("inference panicked".into()))));
-        let counter = match &result {
-            Ok(_) => &counters.completed,
-            Err(LlmError::Cancelled) => &counters.cancelled,
-            Err(_) => &counters.failed,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        let _ = job.reply.send(result.map(|mut g| {
-            g.queue = queue;
-            g
-        }));
+        // Finished sequences leave the batch.
+        let mut i = 0;
+        while i < batch.len() {
+            if !batch[i].seq.is_done() && !batch[i].streaming_gone() {
+                i += 1;
+                continue;
+            }
+            let m = batch.remove(i);
+            if m.streaming_gone() && !m.seq.is_done() {
+                counters.cancelled.fetch_add(1, Ordering::Relaxed);
+                llm.release(m.seq);
+                let _ = m.job.reply.send(Err(LlmError::Cancelled));
+                continue;
+            }
+            let result = llm.finish(m.seq).map(|mut g| {
+                g.queue = m.queue;
+                g
+            });
+            let counter = if result.is_ok() { &counters.completed } else { &counters.failed };
+            counter.fetch_add(1, Ordering::Relaxed);
+            let _ = m.job.reply.send(result);
+        }
+    }
+}
+
+/// A request in the running batch.
+struct Member {
+    job: GenerateJob,
+    seq: Sequence,
+    queue: std::time::Duration,
+}
+
+impl Member {
+    fn view(&self) -> batching::Member {
+        batching::Member { prompt_left: self.seq.prompt_left(), reserved: self.seq.reserved() }
+    }
+
+    /// A streaming caller whose receiver is gone.
+    fn streaming_gone(&self) -> bool {
+        self.job.stream.as_ref().is_some_and(|s| s.is_closed())
+    }
+
+    fn emit(&self, piece: Option<String>) {
+        if let (Some(p), Some(s)) = (piece, &self.job.stream) {
+            let _ = s.send(p);
+        }
+    }
+}
+
+fn run_pass(llm: &mut Llm, batch: &mut [Member], pass: Pass) -> Result<(), LlmError> {
+    match pass {
+        Pass::Prompt { member, tokens } => {
+            let m = &mut batch[member];
+            let piece = llm.read_prompt(&mut m.seq, tokens)?;
+            m.emit(piece);
+        }
+        Pass::Decode => {
+            let mut members: Vec<&mut Member> = batch.iter_mut().filter(|m| m.seq.prompt_left() == 0).collect();
+            let mut seqs: Vec<&mut Sequence> = members.iter_mut().map(|m| &mut m.seq).collect();
+            let pieces = llm.decode(&mut seqs)?;
+            for (m, p) in members.iter().zip(pieces) {
+                m.emit(p);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Errors carry candle errors that are not Clone; the text is what callers see.
+fn clone_error(e: &LlmError) -> LlmError {
+    match e {
+        LlmError::ContextExceeded { tokens, limit } => LlmError::ContextExceeded { tokens: *tokens, limit: *limit },
+        other => LlmError::Candle(candle_core::Error::Msg(other.to_string())),
     }
 }

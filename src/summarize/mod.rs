@@ -105,7 +105,9 @@ pub struct Timings {
     pub total_ms: f64,
     /// Size of the (final) prompt.
     pub prompt_tokens: usize,
-    /// Prompt tokens run through the model over all attempts.
+    /// Of those, tokens served from the thread's cached prompt.
+    pub reused_prompt_tokens: usize,
+    /// Prompt tokens run through the model over all attempts (reused ones excluded).
     pub prompt_tokens_processed: usize,
     /// Generated over all attempts.
     pub generated_tokens: usize,
@@ -120,7 +122,8 @@ impl Timings {
         self.prompt_ms += ms(g.prompt_time);
         self.generation_ms += ms(g.generation_time);
         self.prompt_tokens = g.prompt_tokens;
-        self.prompt_tokens_processed += g.prompt_tokens;
+        self.reused_prompt_tokens = g.reused_prompt_tokens;
+        self.prompt_tokens_processed += g.prompt_tokens - g.reused_prompt_tokens;
         self.generated_tokens += g.generated_tokens;
         self.attempts += 1;
     }
@@ -210,7 +213,7 @@ impl Summarizer {
         let mut faith = Faithfulness::default();
         let mut attempt = 0;
         let (note, raw) = loop {
-            let (gen, tok_ms) = self.generate(&prepared, &forbidden, stream.as_ref()).await?;
+            let (gen, tok_ms) = self.generate(&input.thread.id, &prepared, &forbidden, stream.as_ref()).await?;
             timings.tokenize_ms += tok_ms;
             timings.add(&gen);
             let note = parse::parse(&gen.text);
@@ -277,6 +280,7 @@ impl Summarizer {
     /// One generation; returns it with the time spent tokenizing the prompt.
     async fn generate(
         &self,
+        thread_id: &str,
         p: &Prepared,
         forbidden: &[String],
         stream: Option<&mpsc::UnboundedSender<StreamEvent>>,
@@ -297,8 +301,11 @@ impl Summarizer {
         let tok_ms = t.elapsed().as_secs_f64() * 1e3;
 
         let params = GenerateParams { max_new_tokens: self.cfg.max_new_tokens, ..GenerateParams::default() };
+        // A helpdesk summarises the same thread again after each message: its
+        // cached prompt lets the model read only what is new.
+        let conversation = (!thread_id.is_empty()).then(|| thread_id.to_string());
         let mut gen = match stream {
-            None => self.llm.generate(ids, params, None).await?,
+            None => self.llm.generate(ids, conversation, params, None).await?,
             Some(out) => {
                 if !start.is_empty() {
                     let _ = out.send(StreamEvent::Text(start.clone()));
@@ -313,7 +320,7 @@ impl Summarizer {
                         }
                     }
                 });
-                let g = self.llm.generate(ids, params, Some(tx)).await;
+                let g = self.llm.generate(ids, conversation, params, Some(tx)).await;
                 let _ = fwd.await;
                 g?
             }

@@ -1,7 +1,6 @@
 //! Health reports NOT_SERVING until the model is loaded (and keeps saying so
 //! when it cannot load); reflection lets grpcurl work without the protos.
 
-use crate::common;
 
 use crate::common::{default_opts, fixture_server, llm_files, TestServer};
 use palaver::models::{self, LlmFiles};

@@ -7,6 +7,7 @@ mod common;
 
 mod cli;
 mod encoder;
+mod engine;
 mod engagement_grpc;
 mod health_reflection;
 mod intent_grpc;

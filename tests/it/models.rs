@@ -1,7 +1,6 @@
 //! Model preparation: hashes, repair of corrupted files, the offline hub path,
 //! and that the converted multilingual encoder really encodes meaning.
 
-use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -85,9 +84,9 @@ fn hub_models_load_offline_from_a_local_cache() {
     let built: serde_json::Value = serde_json::from_slice(&fs::read(&r.tokenizer).unwrap()).unwrap();
     assert_eq!(ours["model"]["vocab"], built["model"]["vocab"]);
 
-    let mut llm = Llm::load(&r, &Device::Cpu).expect("loads");
+    let mut llm = Llm::load(&r, &Device::Cpu, 0).expect("loads");
     let ids = llm.tokenizer().encode("<|im_start|>user\nSay hello<|im_end|>\n<|im_start|>assistant\n", false).unwrap();
-    let g = llm.generate(ids.get_ids(), &GenerateParams { max_new_tokens: 8, ..Default::default() }, |_| true).unwrap();
+    let g = llm.generate(ids.get_ids(), None, &GenerateParams { max_new_tokens: 8, ..Default::default() }, |_| true).unwrap();
     assert!(g.generated_tokens > 0 && !g.text.trim().is_empty(), "{g:?} {:?}", ids.get_tokens());
 
     // Offline and not cached: a clear error, no network.

@@ -1,0 +1,153 @@
+//! Prompt and generation speed of palaver's own forward against candle's stock
+//! quantized models, same GGUF file, same process, same threads:
+//! prompt of 512 and 1,024 tokens, and 64 generated tokens after a short
+//! context and after 1,024 tokens. Not criterion: one stock 1,024-token prompt
+//! takes over a minute on 2 cores.
+//!
+//!   cargo bench --bench llm                       # both Qwen2.5 models
+//!   PALAVER_LLMS=qwen2.5-coder-0.5b-instruct RUNS=3 cargo bench --bench llm
+//!   STOCK=0 cargo bench --bench llm               # palaver only
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use candle_transformers::models::{quantized_llama, quantized_qwen2};
+use palaver::llm::transformer::argmax;
+use palaver::llm::Llm;
+use palaver::models::{self, FetchOptions, HubOptions};
+use std::time::Instant;
+
+/// A model behind one interface: feed tokens at a position, get last logits.
+trait Engine {
+    fn reset(&mut self);
+    fn feed(&mut self, tokens: &[u32], pos: usize) -> Tensor;
+}
+
+struct Own<'a> {
+    llm: &'a Llm,
+    cache: palaver::llm::kv::SeqCache,
+}
+
+impl Engine for Own<'_> {
+    fn reset(&mut self) {
+        self.cache.truncate(0);
+    }
+    fn feed(&mut self, tokens: &[u32], _pos: usize) -> Tensor {
+        // Long prompts go in chunks of 1,024 as in the service.
+        let mut out = None;
+        for c in tokens.chunks(1024) {
+            out = Some(self.llm.transformer().forward(c, &mut self.cache).unwrap());
+        }
+        out.unwrap()
+    }
+}
+
+enum Stock {
+    Qwen2(quantized_qwen2::ModelWeights),
+    Llama(quantized_llama::ModelWeights),
+}
+
+impl Engine for Stock {
+    fn reset(&mut self) {}
+    fn feed(&mut self, tokens: &[u32], pos: usize) -> Tensor {
+        let x = Tensor::new(tokens, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let l = match self {
+            Stock::Qwen2(m) => m.forward(&x, pos),
+            Stock::Llama(m) => m.forward(&x, pos),
+        };
+        l.unwrap().squeeze(0).unwrap()
+    }
+}
+
+fn stock(gguf: &std::path::Path) -> Stock {
+    let mut r = std::io::BufReader::new(std::fs::File::open(gguf).unwrap());
+    let ct = gguf_file::Content::read(&mut r).unwrap();
+    if ct.metadata["general.architecture"].to_string().unwrap() == "qwen2" {
+        Stock::Qwen2(quantized_qwen2::ModelWeights::from_gguf(ct, &mut r, &Device::Cpu).unwrap())
+    } else {
+        Stock::Llama(quantized_llama::ModelWeights::from_gguf(ct, &mut r, &Device::Cpu).unwrap())
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+struct Speeds {
+    prompt512: f64,
+    prompt1024: f64,
+    gen_short: f64,
+    gen_1024: f64,
+}
+
+fn measure(e: &mut dyn Engine, tokens: &[u32], runs: usize) -> Speeds {
+    let prompt = |e: &mut dyn Engine, n: usize| {
+        let v: Vec<f64> = (0..runs)
+            .map(|_| {
+                e.reset();
+                let t = Instant::now();
+                e.feed(&tokens[..n], 0);
+                n as f64 / t.elapsed().as_secs_f64()
+            })
+            .collect();
+        median(v)
+    };
+    let generate = |e: &mut dyn Engine, context: usize| {
+        let v: Vec<f64> = (0..runs)
+            .map(|_| {
+                e.reset();
+                let mut logits = e.feed(&tokens[..context], 0);
+                let t = Instant::now();
+                for i in 0..64 {
+                    let next = argmax(&logits).unwrap();
+                    logits = e.feed(&[next], context + i);
+                }
+                64.0 / t.elapsed().as_secs_f64()
+            })
+            .collect();
+        median(v)
+    };
+    Speeds { prompt512: prompt(e, 512), prompt1024: prompt(e, 1024), gen_short: generate(e, 16), gen_1024: generate(e, 1024) }
+}
+
+fn main() {
+    let names = std::env::var("PALAVER_LLMS").unwrap_or_else(|_| "qwen2.5-coder-0.5b-instruct,qwen2.5-coder-1.5b-instruct".into());
+    let runs: usize = std::env::var("RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let with_stock = std::env::var("STOCK").map(|v| v != "0").unwrap_or(true);
+    let dir = std::env::var_os("PALAVER_MODELS_DIR").map(Into::into).unwrap_or_else(models::default_models_dir);
+    // Real text, so that attention sees a realistic spread of tokens.
+    let text = std::fs::read_to_string("../shared/data/summaries/tweetsumm_train.jsonl").expect("TweetSumm data beside the repo");
+    println!("threads {}, median of {runs} runs", rayon::current_num_threads());
+    println!("| model | engine | prompt 512 tok/s | prompt 1,024 tok/s | generation short tok/s | generation after 1,024 tok/s |");
+    println!("|---|---|---|---|---|---|");
+    for name in names.split(',') {
+        models::fetch_models(&[name], &FetchOptions::new(dir.clone())).expect("fetch");
+        let files = models::resolve_llm(name, &dir, &HubOptions::default()).expect("resolve");
+        let llm = Llm::load(&files, &Device::Cpu, 0).unwrap();
+        let tokens = llm.tokenizer().encode(text.as_str(), false).unwrap().get_ids()[..1100].to_vec();
+        let own = measure(&mut Own { llm: &llm, cache: llm.transformer().new_cache() }, &tokens, runs);
+        let row = |engine: &str, s: &Speeds| {
+            println!(
+                "| {name} | {engine} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                s.prompt512, s.prompt1024, s.gen_short, s.gen_1024
+            )
+        };
+        row("palaver", &own);
+        if with_stock {
+            drop(llm);
+            let st = measure(&mut stock(&files.gguf), &tokens, runs.min(2));
+            row("candle stock", &st);
+            println!(
+                "| {name} | ratio | {:.2}x | {:.2}x | {:.2}x | {:.2}x |",
+                own.prompt512 / st.prompt512,
+                own.prompt1024 / st.prompt1024,
+                own.gen_short / st.gen_short,
+                own.gen_1024 / st.gen_1024
+            );
+        }
+        println!(
+            "| {name} | palaver: generation after 1,024 / short | | | | {:.0}% |",
+            100.0 * own.gen_1024 / own.gen_short
+        );
+    }
+}

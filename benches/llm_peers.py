@@ -1,0 +1,99 @@
+"""Peer measurements for benches/llm.rs: the same four numbers (prompt 512 and
+1,024 tokens/s; 64 generated tokens/s after 16 and after 1,024 tokens of
+context), greedy, for llama.cpp and PyTorch on one GGUF file."""
+import argparse
+import statistics
+import time
+
+
+def tokens_of(text_path, tokenize):
+    with open(text_path, encoding="utf-8") as f:
+        text = f.read(400_000)
+    ids = tokenize(text)
+    assert len(ids) >= 1100, len(ids)
+    return ids[:1100]
+
+
+def llama_cpp(args):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=args.gguf, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads,
+                n_batch=1024, n_ubatch=1024, logits_all=False, verbose=False)
+    ids = tokens_of(args.text, lambda t: llm.tokenize(t.encode("utf-8"), add_bos=False, special=False))
+
+    def prompt(n):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(ids[:n])
+        return n / (time.perf_counter() - t)
+
+    def generate(ctx):
+        llm.reset()
+        llm.eval(ids[:ctx])
+        t = time.perf_counter()
+        for _ in range(64):
+            nxt = int(llm.scores[llm.n_tokens - 1].argmax())
+            llm.eval([nxt])
+        return 64 / (time.perf_counter() - t)
+
+    return measure(prompt, generate, args.runs)
+
+
+def torch_bf16(args):
+    import os
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    d, f = os.path.split(args.gguf)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.bfloat16).eval()
+    ids = tokens_of(args.text, lambda t: tok(t, add_special_tokens=False)["input_ids"])
+
+    @torch.inference_mode()
+    def prompt(n):
+        x = torch.tensor([ids[:n]])
+        t = time.perf_counter()
+        model(x, use_cache=True, logits_to_keep=1)
+        return n / (time.perf_counter() - t)
+
+    @torch.inference_mode()
+    def generate(ctx):
+        out = model(torch.tensor([ids[:ctx]]), use_cache=True, logits_to_keep=1)
+        past, logits = out.past_key_values, out.logits[0, -1]
+        t = time.perf_counter()
+        for _ in range(64):
+            nxt = int(logits.argmax())
+            out = model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[0, -1]
+        return 64 / (time.perf_counter() - t)
+
+    return measure(prompt, generate, args.runs)
+
+
+def measure(prompt, generate, runs):
+    prompt(64)  # warm-up
+    med = lambda f, a: statistics.median(f(a) for _ in range(runs))
+    return [med(prompt, 512), med(prompt, 1024), med(generate, 16), med(generate, 1024)]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--gguf", required=True)
+    p.add_argument("--text", required=True)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--engines", default="llama.cpp,pytorch-bf16")
+    args = p.parse_args()
+    for engine in args.engines.split(","):
+        fn = {"llama.cpp": llama_cpp, "pytorch-bf16": torch_bf16}[engine]
+        try:
+            s = fn(args)
+            print(f"| {args.model} | {engine} | " + " | ".join(f"{v:.1f}" for v in s) + " |", flush=True)
+        except Exception as e:  # one peer failing must not hide the other
+            print(f"| {args.model} | {engine} | failed: {type(e).__name__}: {e} | | | |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

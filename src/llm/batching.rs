@@ -1,0 +1,161 @@
+//! Continuous batching policy: which requests join the running batch and what
+//! the next pass over the weights does. A plain struct, no model, so that its
+//! decisions are unit-tested.
+//!
+//! A pass is either one prompt chunk of one sequence (compute-bound: a GEMM
+//! over many rows) or one decode step of every sequence already generating
+//! (bandwidth-bound: one read of the weights serves all of them). Mixing the
+//! two in one pass would make a sequence's numbers depend on its neighbours.
+
+use std::collections::VecDeque;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchPolicy {
+    /// Sequences in the batch at once. More share each decode step's weight
+    /// reads (higher throughput) but each step takes longer (slower tokens for
+    /// everyone) and each holds a KV cache.
+    pub max_sequences: usize,
+    /// KV tokens reserved by the batch (prompt + answer budget of every member):
+    /// bounds the memory of the caches.
+    pub max_batch_tokens: usize,
+    /// Prompt tokens per prompt pass: longer chunks use the GEMM better, shorter
+    /// ones let decode steps in sooner.
+    pub prompt_chunk: usize,
+    /// Prompt passes allowed between two decode steps while sequences are
+    /// generating: a long new prompt delays others' next token by at most this.
+    pub prompt_passes_per_decode: usize,
+}
+
+impl Default for BatchPolicy {
+    fn default() -> Self {
+        Self { max_sequences: 8, max_batch_tokens: 16_384, prompt_chunk: 512, prompt_passes_per_decode: 1 }
+    }
+}
+
+/// What the model thread does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Read the next chunk (`tokens` long) of the prompt of the member at this index.
+    Prompt { member: usize, tokens: usize },
+    /// One token for every member that has finished reading its prompt.
+    Decode,
+}
+
+/// A member of the running batch as the policy sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Member {
+    /// Prompt tokens not yet read (0 once generating).
+    pub prompt_left: usize,
+    /// Tokens reserved: prompt + answer budget.
+    pub reserved: usize,
+}
+
+/// Scheduling state across passes.
+#[derive(Debug, Default)]
+pub struct Scheduler {
+    prompt_passes_since_decode: usize,
+}
+
+impl BatchPolicy {
+    /// How many of the `waiting` requests (tokens each would reserve, oldest
+    /// first) join now. Arrival order is kept: a large request at the head is
+    /// not overtaken by smaller ones behind it, so nobody waits forever. A
+    /// request larger than the whole budget still runs, alone.
+    pub fn admit(&self, members: &[Member], waiting: &VecDeque<usize>) -> usize {
+        let mut used: usize = members.iter().map(|m| m.reserved).sum();
+        let mut n = members.len();
+        let mut admitted = 0;
+        for &need in waiting {
+            if n >= self.max_sequences {
+                break;
+            }
+            if n > 0 && used + need > self.max_batch_tokens {
+                break;
+            }
+            used += need;
+            n += 1;
+            admitted += 1;
+        }
+        admitted
+    }
+}
+
+impl Scheduler {
+    /// The next pass, or None when the batch is empty.
+    pub fn next(&mut self, policy: &BatchPolicy, members: &[Member]) -> Option<Pass> {
+        let generating = members.iter().any(|m| m.prompt_left == 0);
+        // Oldest member still reading its prompt: prompts are read in arrival order.
+        let reading = members.iter().position(|m| m.prompt_left > 0);
+        let pass = match reading {
+            Some(i) if !generating || self.prompt_passes_since_decode < policy.prompt_passes_per_decode => {
+                Pass::Prompt { member: i, tokens: members[i].prompt_left.min(policy.prompt_chunk.max(1)) }
+            }
+            _ if generating => Pass::Decode,
+            _ => return None,
+        };
+        match pass {
+            Pass::Prompt { .. } => self.prompt_passes_since_decode += 1,
+            Pass::Decode => self.prompt_passes_since_decode = 0,
+        }
+        Some(pass)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(left: usize) -> Member {
+        Member { prompt_left: left, reserved: left + 100 }
+    }
+    fn generating() -> Member {
+        Member { prompt_left: 0, reserved: 500 }
+    }
+
+    #[test]
+    fn admission_respects_sequence_and_token_budgets_in_arrival_order() {
+        let p = BatchPolicy { max_sequences: 3, max_batch_tokens: 1000, ..Default::default() };
+        let q: VecDeque<usize> = [300, 300, 300, 300].into();
+        assert_eq!(p.admit(&[], &q), 3, "three fit the token budget and the sequence cap");
+        assert_eq!(p.admit(&[generating()], &q), 1, "500 reserved + 300; another 300 would pass 1000");
+        let q: VecDeque<usize> = [900, 10].into();
+        assert_eq!(p.admit(&[generating()], &q), 0, "the large head waits; the small one behind does not overtake");
+        let q: VecDeque<usize> = [5000].into();
+        assert_eq!(p.admit(&[], &q), 1, "over the budget, but alone it runs");
+        assert_eq!(p.admit(&[generating(), generating(), generating()], &[1].into()), 0);
+    }
+
+    #[test]
+    fn prompts_are_chunked_and_interleaved_with_decode_steps() {
+        let p = BatchPolicy { prompt_chunk: 512, prompt_passes_per_decode: 1, ..Default::default() };
+        let mut s = Scheduler::default();
+        // Nobody generating: read the prompt chunk after chunk.
+        assert_eq!(s.next(&p, &[reading(1200)]), Some(Pass::Prompt { member: 0, tokens: 512 }));
+        assert_eq!(s.next(&p, &[reading(688)]), Some(Pass::Prompt { member: 0, tokens: 512 }));
+        assert_eq!(s.next(&p, &[reading(176)]), Some(Pass::Prompt { member: 0, tokens: 176 }));
+        // One generating, one new prompt: they alternate, the decoder first
+        // since prompt passes ran last.
+        let m = [generating(), reading(1000)];
+        assert_eq!(s.next(&p, &m), Some(Pass::Decode));
+        assert_eq!(s.next(&p, &m), Some(Pass::Prompt { member: 1, tokens: 512 }));
+        assert_eq!(s.next(&p, &m), Some(Pass::Decode));
+        assert_eq!(s.next(&p, &m), Some(Pass::Prompt { member: 1, tokens: 512 }));
+        // The oldest prompt is read first.
+        let m = [generating(), reading(10), reading(20)];
+        assert_eq!(s.next(&p, &m), Some(Pass::Decode));
+        assert_eq!(s.next(&p, &m), Some(Pass::Prompt { member: 1, tokens: 10 }));
+        assert_eq!(s.next(&p, &[generating(), generating()]), Some(Pass::Decode));
+        assert_eq!(s.next(&p, &[generating()]), Some(Pass::Decode), "decoders never starve");
+        assert_eq!(s.next(&p, &[]), None);
+    }
+
+    #[test]
+    fn more_prompt_passes_per_decode_favour_newcomers() {
+        let p = BatchPolicy { prompt_passes_per_decode: 2, ..Default::default() };
+        let mut s = Scheduler::default();
+        let m = [generating(), reading(5000)];
+        let passes: Vec<_> = (0..6).map(|_| s.next(&p, &m).unwrap()).collect();
+        let decodes = passes.iter().filter(|p| **p == Pass::Decode).count();
+        assert_eq!(decodes, 2, "{passes:?}");
+    }
+}

@@ -1,0 +1,385 @@
+//! palaver's own decoder forward for GGUF Qwen2 and Llama models.
+//!
+//! Why not candle's stock `quantized_qwen2` / `quantized_llama`: they keep one
+//! KV cache inside the model and grow it by concatenation, so a cache cannot be
+//! kept per conversation, truncated to a shared prefix or restored; and their
+//! prompt path multiplies the quantized weights one input row at a time, which
+//! re-reads every weight once per prompt token. Here the cache belongs to the
+//! caller ([`SeqCache`]) and a prompt chunk is one f32 GEMM per weight.
+
+use super::kv::SeqCache;
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::rotary_emb::{rope, rope_i};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Qwen2,
+    Llama,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub arch: Arch,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub hidden: usize,
+    pub rms_eps: f32,
+    pub rope_base: f32,
+    pub context: usize,
+}
+
+impl Config {
+    fn from_gguf(ct: &gguf_file::Content) -> Result<Self> {
+        let arch_name = ct
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        let arch = match arch_name.as_str() {
+            "qwen2" => Arch::Qwen2,
+            "llama" => Arch::Llama,
+            other => candle_core::bail!("unsupported architecture `{other}` (qwen2, llama)"),
+        };
+        let get = |k: &str| {
+            ct.metadata
+                .get(&format!("{arch_name}.{k}"))
+                .ok_or_else(|| candle_core::Error::Msg(format!("GGUF metadata lacks {arch_name}.{k}")))
+        };
+        let heads = get("attention.head_count")?.to_u32()? as usize;
+        let hidden = get("embedding_length")?.to_u32()? as usize;
+        Ok(Self {
+            arch,
+            layers: get("block_count")?.to_u32()? as usize,
+            heads,
+            kv_heads: get("attention.head_count_kv").and_then(|v| v.to_u32()).map(|v| v as usize).unwrap_or(heads),
+            head_dim: hidden / heads,
+            hidden,
+            rms_eps: get("attention.layer_norm_rms_epsilon")?.to_f32()?,
+            rope_base: get("rope.freq_base").and_then(|v| v.to_f32()).unwrap_or(10_000.0),
+            context: get("context_length").and_then(|v| v.to_u32()).map(|v| v as usize).unwrap_or(4096),
+        })
+    }
+
+    /// Bytes of K and V per cached token over all layers.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.layers * 2 * self.kv_heads * self.head_dim * 4
+    }
+}
+
+/// A quantized weight with an optional bias. Prompt passes dequantize it to f32
+/// and run one GEMM (candle's quantized dot-product kernel is compute-bound
+/// there; dequantizing costs about one pass over the weight). Decode passes
+/// keep the quantized kernel, which reads each weight once per tile of 16 rows.
+///
+/// The path depends only on the kind of pass, never on its size, and a GEMM
+/// row's result does not depend on the other rows: so a prompt read whole, in
+/// chunks, or after a reused prefix gives the same numbers, and so does a
+/// sequence decoded alone or in a batch.
+struct Linear {
+    q: QMatMul,
+    raw: Arc<QTensor>,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(w: QTensor, bias: Option<Tensor>) -> Result<Self> {
+        let raw = Arc::new(w);
+        Ok(Self { q: QMatMul::from_arc(raw.clone())?, raw, bias })
+    }
+
+    /// `x`: (rows, in) -> (rows, out).
+    fn forward(&self, x: &Tensor, prompt: bool) -> Result<Tensor> {
+        let y = if prompt && x.device().is_cpu() {
+            let w = dequantize(&self.raw)?;
+            x.matmul(&w.t()?)?
+        } else {
+            self.q.forward(x)?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Dequantizes on all cores (candle's own `dequantize` runs on one).
+pub fn dequantize(q: &QTensor) -> Result<Tensor> {
+    use candle_core::quantized::k_quants::*;
+    let dev = q.device();
+    if !dev.is_cpu() {
+        return q.dequantize(&dev);
+    }
+    let n = q.shape().elem_count();
+    let bytes = q.data()?;
+    let mut out = vec![0f32; n];
+    let done = match q.dtype() {
+        GgmlDType::Q8_0 => par_to_float::<BlockQ8_0>(&bytes, &mut out),
+        GgmlDType::Q4_0 => par_to_float::<BlockQ4_0>(&bytes, &mut out),
+        GgmlDType::Q4K => par_to_float::<BlockQ4K>(&bytes, &mut out),
+        GgmlDType::Q5K => par_to_float::<BlockQ5K>(&bytes, &mut out),
+        GgmlDType::Q6K => par_to_float::<BlockQ6K>(&bytes, &mut out),
+        _ => false,
+    };
+    if !done {
+        return q.dequantize(&dev);
+    }
+    Tensor::from_vec(out, q.shape(), &dev)
+}
+
+fn par_to_float<T: candle_core::quantized::k_quants::GgmlType>(bytes: &[u8], out: &mut [f32]) -> bool {
+    let size = std::mem::size_of::<T>();
+    let aligned = (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>());
+    if !aligned || bytes.len() % size != 0 || bytes.len() / size * T::BLCK_SIZE != out.len() {
+        return false;
+    }
+    // SAFETY: GGML blocks are #[repr(C)] structs of f16 scales and integer
+    // arrays, valid for any bit pattern; length and alignment are checked above.
+    let blocks = unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / size) };
+    const CHUNK: usize = 256;
+    out.par_chunks_mut(CHUNK * T::BLCK_SIZE).zip(blocks.par_chunks(CHUNK)).for_each(|(o, b)| T::to_float(b, o));
+    true
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ffn_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+pub struct Transformer {
+    cfg: Config,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    output: Linear,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+impl Transformer {
+    pub fn from_gguf<R: std::io::Read + std::io::Seek>(
+        ct: &gguf_file::Content,
+        r: &mut R,
+        device: &Device,
+    ) -> Result<Self> {
+        let cfg = Config::from_gguf(ct)?;
+        let mut qt = |name: &str| ct.tensor(r, name, device);
+        let embed_q = qt("token_embd.weight")?;
+        let embed = embed_q.dequantize(device)?;
+        let norm = qt("output_norm.weight")?.dequantize(device)?;
+        // Tied embeddings: the output layer reuses the embedding matrix.
+        let output = match qt("output.weight") {
+            Ok(w) => Linear::new(w, None)?,
+            Err(_) => Linear::new(embed_q, None)?,
+        };
+        let mut layers = Vec::with_capacity(cfg.layers);
+        for i in 0..cfg.layers {
+            let p = format!("blk.{i}");
+            let mut lin = |w: &str, bias: bool| -> Result<Linear> {
+                let b = if bias { Some(qt(&format!("{p}.{w}.bias"))?.dequantize(device)?) } else { None };
+                Linear::new(qt(&format!("{p}.{w}.weight"))?, b)
+            };
+            let bias = cfg.arch == Arch::Qwen2;
+            let (q, k, v) = (lin("attn_q", bias)?, lin("attn_k", bias)?, lin("attn_v", bias)?);
+            let (o, gate, up, down) =
+                (lin("attn_output", false)?, lin("ffn_gate", false)?, lin("ffn_up", false)?, lin("ffn_down", false)?);
+            layers.push(Layer {
+                attn_norm: qt(&format!("{p}.attn_norm.weight"))?.dequantize(device)?,
+                ffn_norm: qt(&format!("{p}.ffn_norm.weight"))?.dequantize(device)?,
+                q,
+                k,
+                v,
+                o,
+                gate,
+                up,
+                down,
+            });
+        }
+        let (cos, sin) = rope_tables(cfg.head_dim, cfg.rope_base, cfg.context, device)?;
+        Ok(Self { cfg, embed, layers, norm, output, cos, sin, device: device.clone() })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn new_cache(&self) -> SeqCache {
+        SeqCache::new(self.cfg.layers, self.cfg.kv_heads, self.cfg.head_dim, &self.device)
+    }
+
+    /// Runs `tokens` after the `cache.len()` tokens already in `cache`, appends
+    /// their keys and values, and returns the logits of the last position.
+    /// A single token is treated as a decode step, more as a prompt.
+    pub fn forward(&self, tokens: &[u32], cache: &mut SeqCache) -> Result<Tensor> {
+        self.forward_many(&mut [Step { tokens, cache }], tokens.len() > 1)?.squeeze(0)
+    }
+
+    /// One pass over the weights for several sequences at once: each step's
+    /// tokens follow its own cache (one token for a sequence being decoded, a
+    /// chunk of prompt for one being read). Rows of all steps share every
+    /// matmul, so the weights are read once per pass, not once per sequence;
+    /// attention runs per sequence against its own cache. Returns the logits of
+    /// each step's last token, (steps, vocab).
+    ///
+    /// `prompt` marks a pass that reads prompt tokens (it may use the GEMM
+    /// path); a decode pass keeps candle's quantized kernel, whose result per
+    /// row is the same whatever the batch, so batched and single generation
+    /// give the same tokens.
+    pub fn forward_many(&self, steps: &mut [Step<'_>], prompt: bool) -> Result<Tensor> {
+        let c = &self.cfg;
+        let mut all: Vec<u32> = Vec::new();
+        for s in steps.iter() {
+            if s.tokens.is_empty() {
+                candle_core::bail!("forward of zero tokens");
+            }
+            if s.cache.len() + s.tokens.len() > c.context {
+                candle_core::bail!("{} tokens exceed the context of {}", s.cache.len() + s.tokens.len(), c.context);
+            }
+            all.extend_from_slice(s.tokens);
+        }
+        let group = c.heads / c.kv_heads;
+        // Per step: rows in the stacked input, rotary tables and causal mask.
+        let mut plans = Vec::with_capacity(steps.len());
+        let mut row = 0;
+        for s in steps.iter() {
+            let (t, past) = (s.tokens.len(), s.cache.len());
+            let mask = if t > 1 { Some(causal_mask(t, past, group, &self.device)?) } else { None };
+            plans.push(Plan { row, t, cos: self.cos.narrow(0, past, t)?, sin: self.sin.narrow(0, past, t)?, mask });
+            row += t;
+        }
+        let ids = Tensor::new(all.as_slice(), &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?; // (rows, hidden)
+        for (i, l) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &l.attn_norm, c.rms_eps)?;
+            let (q, k, v) = (l.q.forward(&h, prompt)?, l.k.forward(&h, prompt)?, l.v.forward(&h, prompt)?);
+            let mut ys = Vec::with_capacity(steps.len());
+            for (s, p) in steps.iter_mut().zip(&plans) {
+                let part = |m: &Tensor| m.narrow(0, p.row, p.t);
+                ys.push(self.attention(&part(&q)?, &part(&k)?, &part(&v)?, p, s.cache, i)?);
+            }
+            let y = if ys.len() == 1 { ys.pop().unwrap() } else { Tensor::cat(&ys, 0)? };
+            x = (x + l.o.forward(&y, prompt)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &l.ffn_norm, c.rms_eps)?;
+            let g = candle_nn::ops::silu(&l.gate.forward(&h, prompt)?)?;
+            x = (x + l.down.forward(&(g * l.up.forward(&h, prompt)?)?, prompt)?)?;
+        }
+        for s in steps.iter_mut() {
+            s.cache.advance(s.tokens.len());
+        }
+        // Only each step's last position needs logits: the output layer is the
+        // largest matrix and runs on one row per sequence.
+        let last: Vec<Tensor> = plans.iter().map(|p| x.narrow(0, p.row + p.t - 1, 1)).collect::<Result<_>>()?;
+        let last = if last.len() == 1 { last[0].clone() } else { Tensor::cat(&last, 0)? };
+        let last = candle_nn::ops::rms_norm(&last, &self.norm, c.rms_eps)?;
+        self.output.forward(&last, false)
+    }
+
+    /// Attention of one sequence's `t` new rows ((t, heads*head_dim) for q,
+    /// (t, kv_heads*head_dim) for k and v) over its cache; returns (t, hidden).
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, p: &Plan, cache: &mut SeqCache, layer: usize) -> Result<Tensor> {
+        let c = &self.cfg;
+        let t = p.t;
+        let heads = |x: &Tensor, n: usize| x.reshape((1, t, n, c.head_dim))?.transpose(1, 2)?.contiguous();
+        let (q, k, v) = (heads(q, c.heads)?, heads(k, c.kv_heads)?, heads(v, c.kv_heads)?);
+        let (q, k) = match c.arch {
+            // GGUF llama weights are permuted for interleaved rotation; Qwen2's are not.
+            Arch::Llama => (rope_i(&q, &p.cos, &p.sin)?, rope_i(&k, &p.cos, &p.sin)?),
+            Arch::Qwen2 => (rope(&q, &p.cos, &p.sin)?, rope(&k, &p.cos, &p.sin)?),
+        };
+        // (kv_heads, len, head_dim) views of the cache, written in place.
+        let (k_all, v_all) = cache.append(layer, &k.squeeze(0)?, &v.squeeze(0)?)?;
+        let group = c.heads / c.kv_heads;
+        // Grouped-query attention without copying K/V per head: the `group`
+        // query heads sharing one KV head are stacked as rows of one matmul.
+        let q = q.squeeze(0)?.reshape((c.kv_heads, group * t, c.head_dim))?;
+        let mut scores = (q.matmul(&k_all.t()?)? / (c.head_dim as f64).sqrt())?; // (kv_heads, group*t, len)
+        if let Some(m) = &p.mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let y = probs.matmul(&v_all)?; // (kv_heads, group*t, head_dim)
+        y.reshape((c.heads, t, c.head_dim))?.transpose(0, 1)?.reshape((t, c.hidden))
+    }
+}
+
+/// One sequence's part of a [`Transformer::forward_many`] pass.
+pub struct Step<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut SeqCache,
+}
+
+struct Plan {
+    row: usize,
+    t: usize,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
+}
+
+/// Additive causal mask for `t` new tokens after `past` cached ones, repeated
+/// for the `group` query heads stacked per KV head: (group*t, past+t).
+fn causal_mask(t: usize, past: usize, group: usize, device: &Device) -> Result<Tensor> {
+    let len = past + t;
+    let mut m = Vec::with_capacity(group * t * len);
+    for _ in 0..group {
+        for i in 0..t {
+            m.extend((0..len).map(|j| if j <= past + i { 0f32 } else { f32::NEG_INFINITY }));
+        }
+    }
+    Tensor::from_vec(m, (group * t, len), device)
+}
+
+fn rope_tables(head_dim: usize, base: f32, context: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let inv: Vec<f32> = (0..head_dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / head_dim as f32)).collect();
+    let inv = Tensor::new(inv.as_slice(), device)?.unsqueeze(0)?;
+    let pos = Tensor::arange(0u32, context as u32, device)?.to_dtype(DType::F32)?.unsqueeze(1)?;
+    let ang = pos.broadcast_mul(&inv)?;
+    Ok((ang.cos()?, ang.sin()?))
+}
+
+/// Index of the largest logit (ties go to the lowest id).
+pub fn argmax(logits: &Tensor) -> Result<u32> {
+    logits.argmax(D::Minus1)?.to_scalar::<u32>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parallel_dequantize_equals_candles_for_every_fast_type() {
+        let n = 4 * 256 * 37; // not a multiple of the parallel chunk
+        let x = Tensor::randn(0f32, 1.0, (4 * 37, 256), &Device::Cpu).unwrap();
+        for dt in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+            let q = QTensor::quantize(&x, dt).unwrap();
+            let ours: Vec<f32> = dequantize(&q).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let theirs: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(ours.len(), n);
+            assert_eq!(ours, theirs, "{dt:?}");
+        }
+    }
+
+    #[test]
+    fn causal_mask_lets_each_new_token_see_the_past_and_itself() {
+        let m: Vec<Vec<f32>> = causal_mask(2, 3, 2, &Device::Cpu).unwrap().to_vec2().unwrap();
+        assert_eq!(m.len(), 4);
+        for (r, row) in m.iter().enumerate() {
+            let i = r % 2;
+            let visible = row.iter().filter(|v| v.is_finite()).count();
+            assert_eq!(visible, 3 + i + 1, "row {r}");
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! palaver's own forward against candle's stock models on the same GGUF files,
+//! its two matmul paths against each other, and prompt reuse against cold runs.
+
+use crate::common::llm_files;
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use candle_transformers::models::{quantized_llama, quantized_qwen2};
+use palaver::llm::{GenerateParams, Llm};
+use palaver::models;
+
+fn cosine(a: &Tensor, b: &Tensor) -> f32 {
+    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+    let dot: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+    let n = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (n(&a) * n(&b))
+}
+
+fn prompt(llm: &Llm, text: &str) -> Vec<u32> {
+    let t = palaver::llm::chatml("You summarise support chats.", text, "");
+    llm.tokenizer().encode(t, false).unwrap().get_ids().to_vec()
+}
+
+/// Greedy tokens and logits of candle's stock model. With `one_by_one` the
+/// prompt goes in a token at a time, so that its arithmetic is the decode
+/// path's; otherwise in one pass.
+fn reference_greedy(gguf: &std::path::Path, prompt: &[u32], n: usize, one_by_one: bool) -> (Vec<Tensor>, Vec<u32>) {
+    let mut r = std::io::BufReader::new(std::fs::File::open(gguf).unwrap());
+    let ct = gguf_file::Content::read(&mut r).unwrap();
+    let arch = ct.metadata["general.architecture"].to_string().unwrap().clone();
+    let mut fwd: Box<dyn FnMut(&[u32], usize) -> Tensor> = if arch == "qwen2" {
+        let mut m = quantized_qwen2::ModelWeights::from_gguf(ct, &mut r, &Device::Cpu).unwrap();
+        Box::new(move |t, pos| m.forward(&Tensor::new(t, &Device::Cpu).unwrap().unsqueeze(0).unwrap(), pos).unwrap())
+    } else {
+        let mut m = quantized_llama::ModelWeights::from_gguf(ct, &mut r, &Device::Cpu).unwrap();
+        Box::new(move |t, pos| m.forward(&Tensor::new(t, &Device::Cpu).unwrap().unsqueeze(0).unwrap(), pos).unwrap())
+    };
+    let first = if one_by_one {
+        (0..prompt.len()).map(|i| fwd(&prompt[i..i + 1], i)).last().unwrap()
+    } else {
+        fwd(prompt, 0)
+    };
+    let mut all = vec![first.squeeze(0).unwrap()];
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let next = all.last().unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        out.push(next);
+        if out.len() < n {
+            all.push(fwd(&[next], prompt.len() + out.len() - 1).squeeze(0).unwrap());
+        }
+    }
+    (all, out)
+}
+
+/// palaver's logits after the same prompt and the same continuation tokens
+/// (teacher-forced, so one near-tie cannot send the two down different paths).
+/// The prompt is fed one token at a time: the quantized kernel then does the
+/// arithmetic candle's stock path does, so only the model code is compared.
+fn own_logits_along(llm: &Llm, prompt: &[u32], continuation: &[u32]) -> Vec<Tensor> {
+    let m = llm.transformer();
+    let mut cache = m.new_cache();
+    for t in &prompt[..prompt.len() - 1] {
+        m.forward(&[*t], &mut cache).unwrap();
+    }
+    let mut out = vec![m.forward(&prompt[prompt.len() - 1..], &mut cache).unwrap()];
+    for t in &continuation[..continuation.len() - 1] {
+        out.push(m.forward(&[*t], &mut cache).unwrap());
+    }
+    out
+}
+
+fn matches_reference(model: &str, text: &str, n: usize) {
+    let files = llm_files(model);
+    let llm = Llm::load(&files, &Device::Cpu, 0).unwrap();
+    let p = prompt(&llm, text);
+    let (reference, ref_tokens) = reference_greedy(&files.gguf, &p, n, true);
+    let own = own_logits_along(&llm, &p, &ref_tokens);
+    assert_eq!(own.len(), reference.len());
+    let mut agree = 0;
+    for (i, ((ours, theirs), t)) in own.iter().zip(&reference).zip(&ref_tokens).enumerate() {
+        // Same arithmetic, different float order in attention (batched heads,
+        // cache views): equal to 1e-7 per op, but Qwen2.5 amplifies such
+        // differences to a few 1e-4 of cosine over a 70-token prompt.
+        let c = cosine(ours, theirs);
+        assert!(c > 0.999, "{model}: step {i} (0 = prompt): logits cosine {c}");
+        agree += usize::from(palaver::llm::transformer::argmax(ours).unwrap() == *t);
+    }
+    assert!(agree * 10 >= n * 9, "{model}: {agree} of {n} greedy choices agree");
+    // The GEMM prompt path against the stock prompt path: f32 activations
+    // against 8-bit ones, so agreement within that rounding.
+    let mut cache = llm.transformer().new_cache();
+    let gemm = llm.transformer().forward(&p, &mut cache).unwrap();
+    let (whole, _) = reference_greedy(&files.gguf, &p, 0, false);
+    let c = cosine(&gemm, &whole[0]);
+    assert!(c > 0.999, "{model}: GEMM prompt logits cosine {c}");
+}
+
+#[test]
+fn llama_forward_matches_candles_stock_model() {
+    matches_reference(
+        models::FIXTURE_LLM,
+        "Customer: my order 48213 has not arrived and the tracking page shows nothing since Monday. \
+         Agent: I am sorry, I have asked the carrier and will write back within two days.",
+        24,
+    );
+}
+
+#[test]
+fn qwen2_forward_matches_candles_stock_model() {
+    matches_reference(
+        models::DEFAULT_SUMMARIZER,
+        "Cliente: meu pedido 48213 não chegou e o rastreio não mostra nada desde segunda. \
+         Atendente: sinto muito, já acionei a transportadora e retorno em até dois dias.",
+        12,
+    );
+}
+
+#[test]
+fn gemm_prompt_path_matches_token_by_token_decoding() {
+    let llm = Llm::load(&llm_files(models::FIXTURE_LLM), &Device::Cpu, 0).unwrap();
+    let p = prompt(&llm, "Customer: the app logs me out every time I open the settings page, on two phones.");
+    let m = llm.transformer();
+    let mut whole = m.new_cache();
+    let a = m.forward(&p, &mut whole).unwrap(); // one GEMM-shaped pass
+    let mut step = m.new_cache();
+    let mut b = None;
+    for t in &p {
+        b = Some(m.forward(&[*t], &mut step).unwrap()); // quantized vector kernel
+    }
+    let c = cosine(&a, &b.unwrap());
+    assert!(c > 0.999, "cosine {c}");
+    assert_eq!(whole.len(), p.len());
+    assert_eq!(step.len(), p.len());
+}
+
+#[test]
+fn a_grown_conversation_reuses_its_prompt_and_answers_as_a_cold_run() {
+    let files = llm_files(models::FIXTURE_LLM);
+    let mut warm = Llm::load(&files, &Device::Cpu, 64 << 20).unwrap();
+    let mut cold = Llm::load(&files, &Device::Cpu, 0).unwrap();
+    let params = GenerateParams { max_new_tokens: 24, ..Default::default() };
+    let first = "Customer: my order 48213 has not arrived.\nAgent: I have asked the carrier.\n";
+    let grown = format!("{first}Customer: it is now a week late, please refund me.\n");
+    let p1 = prompt(&warm, first);
+    let p2 = prompt(&warm, &grown);
+
+    let g1 = warm.generate(&p1, Some("t-1"), &params, |_| true).unwrap();
+    assert_eq!(g1.reused_prompt_tokens, 0, "nothing cached yet");
+    let g2 = warm.generate(&p2, Some("t-1"), &params, |_| true).unwrap();
+    let c2 = cold.generate(&p2, None, &params, |_| true).unwrap();
+    let shared = p1.iter().zip(&p2).take_while(|(a, b)| a == b).count();
+    assert!(shared > 20, "the prompts share the system prompt and the first turns");
+    assert_eq!(g2.reused_prompt_tokens, shared);
+    assert_eq!(g2.text, c2.text, "reuse changes nothing in the answer");
+    // Another conversation never sees this one's cache.
+    let g3 = warm.generate(&p2, Some("t-2"), &params, |_| true).unwrap();
+    assert_eq!(g3.reused_prompt_tokens, 0);
+    assert_eq!(g3.text, c2.text);
+}
+
+#[test]
+fn batched_generation_gives_each_request_the_tokens_it_gets_alone() {
+    let files = llm_files(models::FIXTURE_LLM);
+    let mut single = Llm::load(&files, &Device::Cpu, 0).unwrap();
+    let params = GenerateParams { max_new_tokens: 32, ..Default::default() };
+    let chats = [
+        "Customer: my order 48213 has not arrived.",
+        "Customer: I was charged twice for the same subscription this month, please refund one of the payments.",
+        "Customer: how do I change the e-mail address on my account?\nAgent: open Settings, then Profile.",
+        "Customer: the courier left the parcel at the wrong address; the neighbour says it is not there.",
+        "Customer: cancel my plan.",
+    ];
+    let prompts: Vec<Vec<u32>> = chats.iter().map(|c| prompt(&single, c)).collect();
+    let alone: Vec<String> = prompts.iter().map(|p| single.generate(p, None, &params, |_| true).unwrap().text).collect();
+    drop(single);
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        // Prompts are read between decode steps of the sequences already
+        // generating, in chunks of the same size as a lone request's.
+        let opts = palaver::llm::LlmOptions {
+            prefix_cache_bytes: 0,
+            batch: palaver::llm::batching::BatchPolicy { max_sequences: 4, ..Default::default() },
+        };
+        let llm = palaver::llm::LlmHandle::spawn(files, Device::Cpu, opts).unwrap();
+        llm.wait_loaded().await;
+        let runs = prompts.iter().map(|p| llm.generate(p.clone(), None, params.clone(), None));
+        let together = futures_util::future::join_all(runs).await;
+        for (i, (g, a)) in together.into_iter().zip(&alone).enumerate() {
+            assert_eq!(&g.unwrap().text, a, "request {i}");
+        }
+        let s = llm.stats();
+        assert_eq!(s.completed, 5);
+        assert!(s.decode_rows > s.decode_passes, "sequences shared decode steps: {s:?}");
+    });
+}
+
+
