@@ -16,25 +16,6 @@ use palaver::summarize::thread::SummarizeInput;
 use palaver::summarize::{SummarizeConfig, Summarizer};
 use std::time::Instant;
 
-fn thread_of_tokens(dialogs: &[TweetSummDialog], tok: &tokenizers::Tokenizer, target: usize) -> SummarizeInput {
-    // Concatenate dialogs until the transcript reaches the target size.
-    let mut input = dialogs[0].to_input();
-    input.thread.messages.clear();
-    let mut n = 0;
-    'outer: for d in dialogs {
-        for m in d.to_input().thread.messages {
-            n += tok.encode(m.text.as_str(), false).map(|e| e.len()).unwrap_or(0) + 4;
-            let mut m = m;
-            m.id = format!("{}", input.thread.messages.len());
-            input.thread.messages.push(m);
-            if n >= target {
-                break 'outer;
-            }
-        }
-    }
-    input
-}
-
 /// The helpdesk case: the thread was summarised, a customer message arrived,
 /// the agent opens it again.
 async fn resummarise(s: &Summarizer, input: &SummarizeInput, runs: usize, cold_latency: f64) {
@@ -90,7 +71,8 @@ fn main() {
         println!("| thread | prompt tokens | generated | latency median (s) | prompt tok/s | generated tok/s |");
         println!("|---|---|---|---|---|---|");
         for target in [200usize, 1000] {
-            let input = thread_of_tokens(&dialogs, llm.tokenizer(), target);
+            let tok = llm.tokenizer().clone();
+            let input = palaver::eval::long_thread(&dialogs, 0, target, |t| tok.encode(t, false).map(|e| e.len()).unwrap_or(0));
             let cold = |i: usize| {
                 let mut x = input.clone();
                 x.thread.id = format!("cold-{target}-{i}");

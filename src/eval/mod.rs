@@ -52,6 +52,25 @@ impl TweetSummDialog {
     }
 }
 
+/// A long thread for benchmarks: consecutive dialogs from `dialogs[start..]`
+/// joined until the messages reach about `target` tokens under `count`.
+pub fn long_thread(dialogs: &[TweetSummDialog], start: usize, target: usize, count: impl Fn(&str) -> usize) -> SummarizeInput {
+    let mut input = dialogs[start % dialogs.len()].to_input();
+    input.thread.messages.clear();
+    let mut n = 0;
+    for d in dialogs.iter().cycle().skip(start) {
+        for mut m in d.to_input().thread.messages {
+            n += count(&m.text) + 4; // a role label and a newline per message
+            m.id = input.thread.messages.len().to_string();
+            input.thread.messages.push(m);
+            if n >= target {
+                return input;
+            }
+        }
+    }
+    input
+}
+
 /// Lower-cased alphanumeric tokens (no stemming, no stop-word removal).
 pub fn tokens(text: &str) -> Vec<String> {
     text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase).collect()

@@ -63,17 +63,13 @@ impl BatchPolicy {
     /// request larger than the whole budget still runs, alone.
     pub fn admit(&self, members: &[Member], waiting: &VecDeque<usize>) -> usize {
         let mut used: usize = members.iter().map(|m| m.reserved).sum();
-        let mut n = members.len();
         let mut admitted = 0;
         for &need in waiting {
-            if n >= self.max_sequences {
-                break;
-            }
-            if n > 0 && used + need > self.max_batch_tokens {
+            let n = members.len() + admitted;
+            if n >= self.max_sequences || (n > 0 && used + need > self.max_batch_tokens) {
                 break;
             }
             used += need;
-            n += 1;
             admitted += 1;
         }
         admitted

@@ -368,6 +368,12 @@ impl IncrementalDecoder {
 
 /// ChatML, the template of both Qwen2.5 and SmolLM2. `assistant_prefix` is
 /// text the answer is forced to start with.
+pub fn chatml(system: &str, user: &str, assistant_prefix: &str) -> String {
+    format!(
+        "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{assistant_prefix}"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,8 +398,3 @@ mod tests {
     }
 }
 
-pub fn chatml(system: &str, user: &str, assistant_prefix: &str) -> String {
-    format!(
-        "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{assistant_prefix}"
-    )
-}

@@ -135,7 +135,7 @@ pub fn dequantize(q: &QTensor) -> Result<Tensor> {
 fn par_to_float<T: candle_core::quantized::k_quants::GgmlType>(bytes: &[u8], out: &mut [f32]) -> bool {
     let size = std::mem::size_of::<T>();
     let aligned = (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>());
-    if !aligned || bytes.len() % size != 0 || bytes.len() / size * T::BLCK_SIZE != out.len() {
+    if !aligned || !bytes.len().is_multiple_of(size) || bytes.len() / size * T::BLCK_SIZE != out.len() {
         return false;
     }
     // SAFETY: GGML blocks are #[repr(C)] structs of f16 scales and integer

@@ -1,0 +1,131 @@
+//! Load generator for Summarize over gRPC: N clients at once, each with a
+//! different ~1,000-token TweetSumm thread, against the same server; reports
+//! the aggregate generated tokens/s, p50/p95/p99 latency, and the solo latency
+//! of the same threads for the ratio. Faithfulness retries are off so every
+//! request does one generation.
+//!
+//!   cargo bench --bench summary_load
+//!   PALAVER_SUMMARIZER=qwen2.5-coder-0.5b-instruct CLIENTS=8 cargo bench --bench summary_load
+
+use palaver::encoder::batching::BatchPolicy as EncoderPolicy;
+use palaver::encoder::{EncoderHandle, Precision};
+use palaver::eval::TweetSummDialog;
+use palaver::intent::store::DirStore;
+use palaver::intent::{IntentConfig, Intents};
+use palaver::llm::{LlmHandle, LlmOptions};
+use palaver::models::{self, FetchOptions, HubOptions};
+use palaver::proto::v1::{self as pb, assist_client::AssistClient};
+use palaver::server::{self, ServeOptions};
+use palaver::summarize::{SummarizeConfig, Summarizer};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+fn start_server(summarizer: &str, clients: usize) -> (String, tokenizers::Tokenizer) {
+    let dir = std::env::var_os("PALAVER_MODELS_DIR").map(Into::into).unwrap_or_else(models::default_models_dir);
+    models::fetch_models(&[summarizer, models::DEFAULT_ENCODER], &FetchOptions::new(dir.clone())).expect("fetch");
+    let files = models::resolve_llm(summarizer, &dir, &HubOptions::default()).unwrap();
+    let tok = tokenizers::Tokenizer::from_file(&files.tokenizer).unwrap();
+    let mut opts = LlmOptions::default();
+    opts.batch.max_sequences = clients.max(1);
+    let llm = LlmHandle::spawn(files, candle_core::Device::Cpu, opts).unwrap();
+    let enc_files = models::resolve_encoder(models::DEFAULT_ENCODER, &dir).unwrap();
+    let encoder = EncoderHandle::spawn(enc_files, candle_core::Device::Cpu, EncoderPolicy::default(), Duration::from_millis(2), 256, Precision::Auto).unwrap();
+    let store = std::env::temp_dir().join(format!("palaver-summary-load-{}", std::process::id()));
+    let intents = Intents::new(encoder, Box::new(DirStore::open(&store).unwrap()), IntentConfig::default());
+    let cfg = SummarizeConfig { faithfulness_retries: 0, ..SummarizeConfig::default() };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap().to_string()).unwrap();
+            let opts = ServeOptions { max_concurrent_requests: 256, max_request_bytes: 4 << 20, startup_taxonomies: vec![] };
+            let services = server::Services { assist: Some((Summarizer::new(llm, cfg), intents)), engagement: None };
+            server::serve(listener, services, opts, std::future::pending()).await.unwrap();
+        });
+    });
+    (rx.recv().unwrap(), tok)
+}
+
+fn request(t: &palaver::summarize::thread::SummarizeInput, id: String) -> pb::SummarizeRequest {
+    let messages = t
+        .thread
+        .messages
+        .iter()
+        .map(|m| pb::Message {
+            id: m.id.clone(),
+            role: if m.role == palaver::summarize::thread::Role::Customer { pb::Role::Customer } else { pb::Role::Agent } as i32,
+            text: m.text.clone(),
+            ..Default::default()
+        })
+        .collect();
+    pb::SummarizeRequest { thread: Some(pb::Thread { thread_id: id, messages }), ..Default::default() }
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let summarizer = std::env::var("PALAVER_SUMMARIZER").unwrap_or_else(|_| models::DEFAULT_SUMMARIZER.into());
+    let clients: usize = std::env::var("CLIENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+    let (addr, tok) = start_server(&summarizer, clients);
+    let data = std::fs::read_to_string("../shared/data/summaries/tweetsumm_train.jsonl").expect("TweetSumm data beside the repo");
+    let dialogs: Vec<TweetSummDialog> =
+        data.lines().take(400).map(|l| serde_json::from_str(l).unwrap()).filter(TweetSummDialog::usable).collect();
+    let count = |t: &str| tok.encode(t, false).map(|e| e.len()).unwrap_or(0);
+    let threads: Vec<_> = (0..clients).map(|i| palaver::eval::long_thread(&dialogs, i * 37, 1000, count)).collect();
+    let ch = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+    let mut c = AssistClient::new(ch.clone());
+    // Wait for the model, then warm up.
+    loop {
+        match c.summarize(request(&threads[0], "warm-up".into())).await {
+            Ok(_) => break,
+            Err(e) if e.code() == tonic::Code::Unavailable => tokio::time::sleep(Duration::from_millis(500)).await,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    println!("Summarize on {addr}, model {summarizer}, {clients} clients, ~1,000-token threads");
+    // Solo: each thread alone, for the latency ratio.
+    let mut solo = Vec::new();
+    for (i, t) in threads.iter().enumerate().take(2) {
+        let started = Instant::now();
+        let r = c.summarize(request(t, format!("solo-{i}"))).await.unwrap().into_inner();
+        solo.push(started.elapsed().as_secs_f64());
+        let tk = r.tokens.unwrap_or_default();
+        println!("solo {i}: {:.1} s, prompt {} tokens, generated {}", solo[i], tk.prompt_tokens, tk.generated_tokens);
+    }
+    let solo_mean = solo.iter().sum::<f64>() / solo.len() as f64;
+    let started = Instant::now();
+    let tasks: Vec<_> = threads
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let mut c = AssistClient::new(ch.clone());
+            let req = request(t, format!("load-{i}"));
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let r = c.summarize(req).await.expect("summarize").into_inner();
+                (t.elapsed().as_secs_f64(), r.tokens.unwrap_or_default().generated_tokens)
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    let mut generated = 0u64;
+    for t in tasks {
+        let (l, g) = t.await.unwrap();
+        lat.push(l);
+        generated += g as u64;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "{clients} at once: {:.1} generated tokens/s aggregate, wall {wall:.1} s, latency p50 {:.1} s p95 {:.1} s p99 {:.1} s; p95 / solo {:.2}x",
+        generated as f64 / wall,
+        pct(&lat, 0.5),
+        pct(&lat, 0.95),
+        pct(&lat, 0.99),
+        pct(&lat, 0.95) / solo_mean
+    );
+}
