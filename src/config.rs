@@ -49,6 +49,12 @@ pub struct ModelArgs {
     /// room for other processes at the cost of latency.
     #[arg(long, env = "PALAVER_THREADS")]
     pub threads: Option<usize>,
+
+    /// Where the summarizer runs: `cpu`, `cuda` (GPU 0; needs a build with
+    /// `--features cuda`) or `auto` (the GPU when there is one). On a GPU the
+    /// prompt path is candle's CUDA kernels; the CPU's own GEMM path is not used.
+    #[arg(long, env = "PALAVER_DEVICE", default_value = "auto")]
+    pub device: String,
 }
 
 impl ModelArgs {
@@ -58,6 +64,16 @@ impl ModelArgs {
 
     pub fn fetch_options(&self) -> models::FetchOptions {
         models::FetchOptions { python: self.python.clone(), ..models::FetchOptions::new(self.models_dir.clone()) }
+    }
+
+    /// The device named by `--device`.
+    pub fn device(&self) -> Result<candle_core::Device, candle_core::Error> {
+        match self.device.as_str() {
+            "cpu" => Ok(candle_core::Device::Cpu),
+            "cuda" => candle_core::Device::new_cuda(0),
+            "auto" => candle_core::Device::cuda_if_available(0),
+            other => Err(candle_core::Error::Msg(format!("--device `{other}`: expected cpu, cuda or auto"))),
+        }
     }
 
     /// Prepares the summarizer if it is a manifest model, then resolves its files.

@@ -321,7 +321,9 @@ async fn load(model: &ModelArgs, summarize: &SummarizeArgs) -> Result<Summarizer
     model.init_threads();
     let m = model.clone();
     let files = tokio::task::spawn_blocking(move || m.summarizer_files()).await??;
-    let llm = LlmHandle::spawn(files, candle_core::Device::Cpu, summarize.llm_options())?;
+    let device = model.device()?;
+    tracing::info!(device = ?device, "summarizer device");
+    let llm = LlmHandle::spawn(files, device, summarize.llm_options())?;
     Ok(Summarizer::new(llm, summarize.config()))
 }
 
