@@ -1,11 +1,11 @@
 //! Load generator for Summarize over gRPC: N clients at once, each with a
-//! different ~1,000-token TweetSumm thread, against the same server; reports
+//! different TweetSumm thread of ~TOKENS tokens (default 1,000), against the same server; reports
 //! the aggregate generated tokens/s, p50/p95/p99 latency, and the solo latency
 //! of the same threads for the ratio. Faithfulness retries are off so every
 //! request does one generation.
 //!
 //!   cargo bench --bench summary_load
-//!   PALAVER_SUMMARIZER=qwen2.5-coder-0.5b-instruct CLIENTS=8 cargo bench --bench summary_load
+//!   PALAVER_SUMMARIZER=qwen2.5-coder-0.5b-instruct CLIENTS=8 TOKENS=200 cargo bench --bench summary_load
 
 use palaver::encoder::batching::BatchPolicy as EncoderPolicy;
 use palaver::encoder::{EncoderHandle, Precision};
@@ -70,12 +70,13 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 async fn main() {
     let summarizer = std::env::var("PALAVER_SUMMARIZER").unwrap_or_else(|_| models::DEFAULT_SUMMARIZER.into());
     let clients: usize = std::env::var("CLIENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+    let tokens: usize = std::env::var("TOKENS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
     let (addr, tok) = start_server(&summarizer, clients);
     let data = std::fs::read_to_string("../shared/data/summaries/tweetsumm_train.jsonl").expect("TweetSumm data beside the repo");
     let dialogs: Vec<TweetSummDialog> =
         data.lines().take(400).map(|l| serde_json::from_str(l).unwrap()).filter(TweetSummDialog::usable).collect();
     let count = |t: &str| tok.encode(t, false).map(|e| e.len()).unwrap_or(0);
-    let threads: Vec<_> = (0..clients).map(|i| palaver::eval::long_thread(&dialogs, i * 37, 1000, count)).collect();
+    let threads: Vec<_> = (0..clients).map(|i| palaver::eval::long_thread(&dialogs, i * 37, tokens, count)).collect();
     let ch = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
     let mut c = AssistClient::new(ch.clone());
     // Wait for the model, then warm up.
@@ -86,7 +87,7 @@ async fn main() {
             Err(e) => panic!("{e}"),
         }
     }
-    println!("Summarize on {addr}, model {summarizer}, {clients} clients, ~1,000-token threads");
+    println!("Summarize on {addr}, model {summarizer}, {clients} clients, ~{tokens}-token threads");
     // Solo: each thread alone, for the latency ratio.
     let mut solo = Vec::new();
     for (i, t) in threads.iter().enumerate().take(2) {

@@ -24,8 +24,8 @@ pub struct ModelArgs {
     /// Summarizer: a name from models/manifest.toml, `hf:ORG/REPO/FILE.gguf`, or a
     /// path to a .gguf with tokenizer.json beside it. The default 1.5B model is
     /// the smallest that keeps ru/uk/es threads in their own language;
-    /// `qwen2.5-coder-0.5b-instruct` generates about 2.5x faster (its prompt path
-    /// is not faster) and is weaker on those.
+    /// `qwen2.5-coder-0.5b-instruct` reads prompts 1.4x and generates 2.4x
+    /// faster (BENCHMARKS.md) and is weaker on those.
     #[arg(long, env = "PALAVER_SUMMARIZER", default_value = models::DEFAULT_SUMMARIZER)]
     pub summarizer: String,
 
@@ -109,7 +109,7 @@ pub struct SummarizeArgs {
     pub max_thread_chars: usize,
 
     /// Transcript tokens in the prompt. Larger keeps more of a long thread but
-    /// costs prompt time (72-122 tokens/s for the 1.5B model on 2 cores today, see BENCHMARKS.md).
+    /// costs prompt time (85-145 tokens/s for the 1.5B model on 2 cores, see BENCHMARKS.md).
     #[arg(long, env = "PALAVER_PROMPT_TOKEN_BUDGET", default_value_t = SummarizeConfig::default().prompt_token_budget)]
     pub prompt_token_budget: usize,
 
