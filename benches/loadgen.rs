@@ -6,41 +6,17 @@
 //!   PALAVER_LOADGEN_ADDR=127.0.0.1:50051 cargo bench --bench loadgen
 //!   PALAVER_LOADGEN_SECS=20 ...                       # seconds per level (default 10)
 
-use palaver::encoder::batching::BatchPolicy;
-use palaver::encoder::{EncoderHandle, Precision};
-use palaver::intent::store::DirStore;
-use palaver::intent::{IntentConfig, Intents};
-use palaver::llm::LlmHandle;
-use palaver::models::{self, FetchOptions, HubOptions};
 use palaver::proto::v1::{self as pb, assist_client::AssistClient, classify_intent_request::Input};
-use palaver::server::{self, ServeOptions};
-use palaver::summarize::{SummarizeConfig, Summarizer};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
+
+mod common;
 
 const MESSAGES: &str = include_str!("messages.txt");
 
 fn start_server() -> String {
-    let dir = std::env::var_os("PALAVER_MODELS_DIR").map(Into::into).unwrap_or_else(models::default_models_dir);
-    let opts = FetchOptions::new(dir.clone());
-    models::fetch_models(&[models::FIXTURE_LLM, models::DEFAULT_ENCODER], &opts).expect("fetch");
-    let llm = LlmHandle::spawn(models::resolve_llm(models::FIXTURE_LLM, &dir, &HubOptions::default()).unwrap(), candle_core::Device::Cpu, palaver::llm::LlmOptions { prefix_cache_bytes: 256 << 20, ..Default::default() }).unwrap();
-    let files = models::resolve_encoder(models::DEFAULT_ENCODER, &dir).unwrap();
-    let encoder = EncoderHandle::spawn(files, candle_core::Device::Cpu, BatchPolicy::default(), Duration::from_millis(2), 256, Precision::Auto).unwrap();
-    let store = std::env::temp_dir().join(format!("palaver-loadgen-{}", std::process::id()));
-    let intents = Intents::new(encoder, Box::new(DirStore::open(&store).unwrap()), IntentConfig::default());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap().to_string()).unwrap();
-            let opts = ServeOptions { max_concurrent_requests: 256, max_request_bytes: 4 << 20, startup_taxonomies: vec![] };
-            let services = server::Services { assist: Some((Summarizer::new(llm, SummarizeConfig::default()), intents)), engagement: None };
-            server::serve(listener, services, opts, std::future::pending()).await.unwrap();
-        });
-    });
-    rx.recv().unwrap()
+    let llm = palaver::llm::LlmOptions { prefix_cache_bytes: 256 << 20, ..Default::default() };
+    common::start_server(palaver::models::FIXTURE_LLM, llm, palaver::summarize::SummarizeConfig::default()).0
 }
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {

@@ -7,45 +7,15 @@
 //!   cargo bench --bench summary_load
 //!   PALAVER_SUMMARIZER=qwen2.5-coder-0.5b-instruct CLIENTS=8 TOKENS=200 cargo bench --bench summary_load
 
-use palaver::encoder::batching::BatchPolicy as EncoderPolicy;
-use palaver::encoder::{EncoderHandle, Precision};
+mod common;
+
 use palaver::eval::TweetSummDialog;
-use palaver::intent::store::DirStore;
-use palaver::intent::{IntentConfig, Intents};
-use palaver::llm::{LlmHandle, LlmOptions};
-use palaver::models::{self, FetchOptions, HubOptions};
+use palaver::llm::LlmOptions;
+use palaver::models;
 use palaver::proto::v1::{self as pb, assist_client::AssistClient};
-use palaver::server::{self, ServeOptions};
-use palaver::summarize::{SummarizeConfig, Summarizer};
+use palaver::summarize::SummarizeConfig;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
-
-fn start_server(summarizer: &str, clients: usize) -> (String, tokenizers::Tokenizer) {
-    let dir = std::env::var_os("PALAVER_MODELS_DIR").map(Into::into).unwrap_or_else(models::default_models_dir);
-    models::fetch_models(&[summarizer, models::DEFAULT_ENCODER], &FetchOptions::new(dir.clone())).expect("fetch");
-    let files = models::resolve_llm(summarizer, &dir, &HubOptions::default()).unwrap();
-    let tok = tokenizers::Tokenizer::from_file(&files.tokenizer).unwrap();
-    let mut opts = LlmOptions::default();
-    opts.batch.max_sequences = clients.max(1);
-    let llm = LlmHandle::spawn(files, candle_core::Device::Cpu, opts).unwrap();
-    let enc_files = models::resolve_encoder(models::DEFAULT_ENCODER, &dir).unwrap();
-    let encoder = EncoderHandle::spawn(enc_files, candle_core::Device::Cpu, EncoderPolicy::default(), Duration::from_millis(2), 256, Precision::Auto).unwrap();
-    let store = std::env::temp_dir().join(format!("palaver-summary-load-{}", std::process::id()));
-    let intents = Intents::new(encoder, Box::new(DirStore::open(&store).unwrap()), IntentConfig::default());
-    let cfg = SummarizeConfig { faithfulness_retries: 0, ..SummarizeConfig::default() };
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap().to_string()).unwrap();
-            let opts = ServeOptions { max_concurrent_requests: 256, max_request_bytes: 4 << 20, startup_taxonomies: vec![] };
-            let services = server::Services { assist: Some((Summarizer::new(llm, cfg), intents)), engagement: None };
-            server::serve(listener, services, opts, std::future::pending()).await.unwrap();
-        });
-    });
-    (rx.recv().unwrap(), tok)
-}
 
 fn request(t: &palaver::summarize::thread::SummarizeInput, id: String) -> pb::SummarizeRequest {
     let messages = t
@@ -71,7 +41,10 @@ async fn main() {
     let summarizer = std::env::var("PALAVER_SUMMARIZER").unwrap_or_else(|_| models::DEFAULT_SUMMARIZER.into());
     let clients: usize = std::env::var("CLIENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
     let tokens: usize = std::env::var("TOKENS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
-    let (addr, tok) = start_server(&summarizer, clients);
+    let mut llm = LlmOptions::default();
+    llm.batch.max_sequences = clients.max(1);
+    let cfg = SummarizeConfig { faithfulness_retries: 0, ..SummarizeConfig::default() };
+    let (addr, tok) = common::start_server(&summarizer, llm, cfg);
     let data = std::fs::read_to_string("../shared/data/summaries/tweetsumm_train.jsonl").expect("TweetSumm data beside the repo");
     let dialogs: Vec<TweetSummDialog> =
         data.lines().take(400).map(|l| serde_json::from_str(l).unwrap()).filter(TweetSummDialog::usable).collect();

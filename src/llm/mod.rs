@@ -93,22 +93,13 @@ impl Llm {
         let tokenizer = Tokenizer::from_file(&files.tokenizer).map_err(|e| load(&e))?;
         let mut r = BufReader::new(std::fs::File::open(&files.gguf).map_err(|e| load(&e))?);
         let content = gguf_file::Content::read(&mut r).map_err(|e| load(&e))?;
-        let arch = content
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
         let mut eos: Vec<u32> = content
             .metadata
             .get("tokenizer.ggml.eos_token_id")
             .and_then(|v| v.to_u32().ok())
             .into_iter()
             .collect();
-        if !matches!(arch.as_str(), "qwen2" | "llama") {
-            return Err(LlmError::Load(format!("unsupported architecture `{arch}` (qwen2, llama)")));
-        }
-        let model = Transformer::from_gguf(&content, &mut r, device)?;
+        let model = Transformer::from_gguf(&content, &mut r, device).map_err(|e| load(&e))?;
         let context = model.config().context;
         // ChatML models end a turn with <|im_end|>; stop there whatever the GGUF says.
         for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
