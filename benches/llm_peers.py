@@ -17,8 +17,10 @@ def tokens_of(text_path, tokenize):
 def llama_cpp(args):
     from llama_cpp import Llama
 
+    # The binding keeps n_batch rows of logits and writes the last token's at its
+    # position: n_batch must cover the whole context used here.
     llm = Llama(model_path=args.gguf, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads,
-                n_batch=1024, n_ubatch=1024, logits_all=False, verbose=False)
+                n_batch=2048, n_ubatch=1024, logits_all=False, verbose=False)
     ids = tokens_of(args.text, lambda t: llm.tokenize(t.encode("utf-8"), add_bos=False, special=False))
 
     def prompt(n):
