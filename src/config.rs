@@ -126,11 +126,14 @@ pub struct SummarizeArgs {
     #[arg(long, env = "PALAVER_FAITHFULNESS_RETRIES", default_value_t = SummarizeConfig::default().faithfulness_retries)]
     pub faithfulness_retries: u32,
 
-    /// Memory for prompt caches kept per thread id, in MiB (0 turns reuse off).
-    /// A thread summarised again after a new message then reads only the new
-    /// part; each cached token costs 56 KiB with the 1.5B model (24 KiB with
-    /// the 0.5B), so the default holds about ten 1,000-token threads.
-    #[arg(long, env = "PALAVER_PREFIX_CACHE_MB", default_value_t = 512)]
+    /// Memory for prompt caches kept per thread id, in MiB (0, the default,
+    /// turns reuse off). A thread summarised again after a new message then
+    /// reads only the new part (2.2x faster end to end, BENCHMARKS.md); each
+    /// cached token costs 56 KiB with the 1.5B model, 24 KiB with the 0.5B.
+    /// Off by default because it is not bit-exact: the new part is multiplied
+    /// in a GEMM of another shape than in a cold run, and that rounding can
+    /// change the wording of a note for the same thread.
+    #[arg(long, env = "PALAVER_PREFIX_CACHE_MB", default_value_t = 0)]
     pub prefix_cache_mb: usize,
 
     /// Summaries generated together (continuous batching). More raise total

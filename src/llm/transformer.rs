@@ -295,7 +295,7 @@ impl Transformer {
             let mut ys = Vec::with_capacity(steps.len());
             for (s, p) in steps.iter_mut().zip(&plans) {
                 let part = |m: &Tensor| m.narrow(0, p.row, p.t);
-                ys.push(self.attention(&part(&q)?, &part(&k)?, &part(&v)?, p, s.cache, i)?);
+                ys.push(self.attention(&part(&q)?, &part(&k)?, &part(&v)?, p, s.cache, i, prompt)?);
             }
             let y = if ys.len() == 1 { ys.pop().unwrap() } else { Tensor::cat(&ys, 0)? };
             x = (x + l.o.forward(&y, prompt)?)?;
@@ -316,7 +316,21 @@ impl Transformer {
 
     /// Attention of one sequence's `t` new rows ((t, heads*head_dim) for q,
     /// (t, kv_heads*head_dim) for k and v) over its cache; returns (t, hidden).
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, p: &Plan, cache: &mut SeqCache, layer: usize) -> Result<Tensor> {
+    ///
+    /// Decode passes use the decode kernel; a prompt pass always uses the
+    /// matmul form, even for a 1-token chunk (the last token of a reused
+    /// prompt), so that it adds in the same order as a cold run.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        p: &Plan,
+        cache: &mut SeqCache,
+        layer: usize,
+        prompt: bool,
+    ) -> Result<Tensor> {
         let c = &self.cfg;
         let t = p.t;
         let heads = |x: &Tensor, n: usize| x.reshape((1, t, n, c.head_dim))?.transpose(1, 2)?.contiguous();
@@ -328,7 +342,7 @@ impl Transformer {
         };
         // (kv_heads, len, head_dim) views of the cache, written in place.
         let (k_all, v_all) = cache.append(layer, &k.squeeze(0)?, &v.squeeze(0)?)?;
-        if t == 1 && q.device().is_cpu() {
+        if t == 1 && !prompt && q.device().is_cpu() {
             return decode_attention(&q, &k_all, &v_all, c.kv_heads);
         }
         let group = c.heads / c.kv_heads;

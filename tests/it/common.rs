@@ -60,7 +60,7 @@ impl TestServer {
     /// With a given taxonomy store (a restart reuses one) and intent settings.
     pub fn start_with(files: models::LlmFiles, cfg: SummarizeConfig, opts: ServeOptions, store: PathBuf, icfg: IntentConfig) -> TestServer {
         let (tx, rx) = std::sync::mpsc::channel();
-        let llm = LlmHandle::spawn(files, candle_core::Device::Cpu, palaver::llm::LlmOptions { prefix_cache_bytes: 256 << 20, ..Default::default() }).expect("spawn model");
+        let llm = LlmHandle::spawn(files, candle_core::Device::Cpu, palaver::llm::LlmOptions::default()).expect("spawn model");
         let handle = llm.clone();
         let enc = encoder();
         let intents = Intents::new(enc.clone(), Box::new(DirStore::open(&store).expect("store")), icfg);
