@@ -32,7 +32,8 @@ impl Engine for Own<'_> {
         self.cache.truncate(0);
     }
     fn feed(&mut self, tokens: &[u32], _pos: usize) -> Tensor {
-        // Long prompts go in chunks of 1,024 as in the service.
+        // Long prompts go in chunks of 1,024 (the service's default chunk is
+        // 512; `--prompt-chunk 1024` matches this).
         let mut out = None;
         for c in tokens.chunks(1024) {
             out = Some(self.llm.transformer().forward(c, &mut self.cache).unwrap());

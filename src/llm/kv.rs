@@ -43,11 +43,6 @@ impl SeqCache {
         self.pending = 0;
     }
 
-    /// Bytes held, including unused capacity.
-    pub fn bytes(&self) -> usize {
-        self.layers * 2 * self.kv_heads * self.cap * self.head_dim * 4
-    }
-
     fn reserve(&mut self, need: usize) -> Result<()> {
         if need <= self.cap {
             return Ok(());

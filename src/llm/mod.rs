@@ -79,7 +79,6 @@ pub struct Llm {
     model: Transformer,
     tokenizer: Tokenizer,
     eos: Vec<u32>,
-    context: usize,
     /// Caches of finished sequences, reused to keep their buffers.
     spare: Vec<SeqCache>,
     prefixes: PrefixCache,
@@ -100,7 +99,6 @@ impl Llm {
             .into_iter()
             .collect();
         let model = Transformer::from_gguf(&content, &mut r, device).map_err(|e| load(&e))?;
-        let context = model.config().context;
         // ChatML models end a turn with <|im_end|>; stop there whatever the GGUF says.
         for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
             if let Some(id) = tokenizer.token_to_id(t) {
@@ -114,7 +112,6 @@ impl Llm {
             model,
             tokenizer,
             eos,
-            context,
             spare: Vec::new(),
             prefixes: PrefixCache::new(prefix_cache_bytes),
         })
@@ -129,16 +126,11 @@ impl Llm {
     }
 
     pub fn context_len(&self) -> usize {
-        self.context
+        self.model.config().context
     }
 
     pub fn transformer(&self) -> &Transformer {
         &self.model
-    }
-
-    /// Bytes held by the per-conversation prompt caches.
-    pub fn prefix_cache_bytes(&self) -> usize {
-        self.prefixes.bytes()
     }
 
     /// Greedy generation. `on_text` receives each new piece of decoded text and
@@ -179,8 +171,9 @@ impl Llm {
         conversation: Option<String>,
         params: GenerateParams,
     ) -> Result<Sequence, LlmError> {
-        if prompt.is_empty() || prompt.len() >= self.context {
-            return Err(LlmError::ContextExceeded { tokens: prompt.len(), limit: self.context });
+        let context = self.context_len();
+        if prompt.is_empty() || prompt.len() >= context {
+            return Err(LlmError::ContextExceeded { tokens: prompt.len(), limit: context });
         }
         let mut cache = self.spare.pop().unwrap_or_else(|| self.model.new_cache());
         let reused = match &conversation {
@@ -190,7 +183,7 @@ impl Llm {
                 0
             }
         };
-        let max_new = params.max_new_tokens.min(self.context - prompt.len());
+        let max_new = params.max_new_tokens.min(context - prompt.len());
         Ok(Sequence {
             read: reused,
             reused,

@@ -65,11 +65,6 @@ impl Config {
             context: get("context_length").and_then(|v| v.to_u32()).map(|v| v as usize).unwrap_or(4096),
         })
     }
-
-    /// Bytes of K and V per cached token over all layers.
-    pub fn kv_bytes_per_token(&self) -> usize {
-        self.layers * 2 * self.kv_heads * self.head_dim * 4
-    }
 }
 
 /// A quantized weight with an optional bias. Prompt passes dequantize it to f32
