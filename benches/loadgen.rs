@@ -15,7 +15,7 @@ mod common;
 const MESSAGES: &str = include_str!("messages.txt");
 
 fn start_server() -> String {
-    let llm = palaver::llm::LlmOptions { prefix_cache_bytes: 256 << 20, ..Default::default() };
+    let llm = palaver::llm::LlmOptions { prefix_cache_bytes: Some(256 << 20), ..Default::default() };
     common::start_server(palaver::models::FIXTURE_LLM, llm, palaver::summarize::SummarizeConfig::default()).0
 }
 

@@ -63,7 +63,7 @@ fn main() {
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
-        let llm = LlmHandle::spawn(files, candle_core::Device::Cpu, palaver::llm::LlmOptions { prefix_cache_bytes: 256 << 20, ..Default::default() }).unwrap();
+        let llm = LlmHandle::spawn(files, candle_core::Device::Cpu, palaver::llm::LlmOptions { prefix_cache_bytes: Some(256 << 20), ..Default::default() }).unwrap();
         llm.wait_loaded().await;
         let cfg = SummarizeConfig { faithfulness_retries: 0, ..SummarizeConfig::default() };
         let s = Summarizer::new(llm.clone(), cfg);

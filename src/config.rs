@@ -126,15 +126,15 @@ pub struct SummarizeArgs {
     #[arg(long, env = "PALAVER_FAITHFULNESS_RETRIES", default_value_t = SummarizeConfig::default().faithfulness_retries)]
     pub faithfulness_retries: u32,
 
-    /// Memory for prompt caches kept per thread id, in MiB (0, the default,
-    /// turns reuse off). A thread summarised again after a new message then
-    /// reads only the new part (2.2x faster end to end, BENCHMARKS.md); each
-    /// cached token costs 56 KiB with the 1.5B model, 24 KiB with the 0.5B.
-    /// Off by default because it is not bit-exact: the new part is multiplied
-    /// in a GEMM of another shape than in a cold run, and that rounding can
-    /// change the wording of a note for the same thread.
-    #[arg(long, env = "PALAVER_PREFIX_CACHE_MB", default_value_t = 0)]
-    pub prefix_cache_mb: usize,
+    /// Memory for prompt caches kept per thread id, in MiB; 0 turns reuse
+    /// off. A thread summarised again after a new message then reads only the
+    /// new part (BENCHMARKS.md); each cached token costs 56 KiB with the 1.5B
+    /// model, 24 KiB with the 0.5B. Unset: 1024 on CPUs with AVX-512 VNNI,
+    /// where reuse gives exactly a cold run's numbers, else off (there the
+    /// f32 GEMM rounds a row differently with other rows, and a note for the
+    /// same thread could change in wording).
+    #[arg(long, env = "PALAVER_PREFIX_CACHE_MB")]
+    pub prefix_cache_mb: Option<usize>,
 
     /// Summaries generated together (continuous batching). More raise total
     /// tokens/s, since one read of the weights serves every sequence, but each
@@ -156,7 +156,7 @@ pub struct SummarizeArgs {
 impl SummarizeArgs {
     pub fn llm_options(&self) -> LlmOptions {
         LlmOptions {
-            prefix_cache_bytes: self.prefix_cache_mb << 20,
+            prefix_cache_bytes: self.prefix_cache_mb.map(|mb| mb << 20),
             batch: BatchPolicy {
                 max_sequences: self.max_batch_sequences.max(1),
                 max_batch_tokens: self.max_batch_tokens,

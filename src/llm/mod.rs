@@ -2,12 +2,14 @@
 //! by palaver's own forward in `transformer`), greedy generation with
 //! streaming, prompt reuse per conversation, and the thread that owns a model.
 
+pub mod attention;
 pub mod batching;
 pub mod kv;
+pub mod qgemm;
 pub mod transformer;
 mod worker;
 
-pub use worker::{wait_not_loading, LlmHandle, LlmOptions, LlmStats, ModelState};
+pub use worker::{prompt_rows_exact, wait_not_loading, LlmHandle, LlmOptions, LlmStats, ModelState, DEFAULT_PREFIX_CACHE_BYTES};
 
 use crate::models::LlmFiles;
 use candle_core::quantized::gguf_file;

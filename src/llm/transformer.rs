@@ -7,7 +7,9 @@
 //! re-reads every weight once per prompt token. Here the cache belongs to the
 //! caller ([`SeqCache`]) and a prompt chunk is one f32 GEMM per weight.
 
+use super::attention;
 use super::kv::SeqCache;
+use super::qgemm::{self, PackedWeight};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::rotary_emb::{rope, rope_i};
@@ -67,37 +69,66 @@ impl Config {
     }
 }
 
-/// A quantized weight with an optional bias. Prompt passes dequantize it to f32
-/// and run one GEMM (candle's quantized dot-product kernel is compute-bound
-/// there; dequantizing costs about one pass over the weight). Decode passes
-/// keep the quantized kernel, which reads each weight once per tile of 16 rows.
+/// A quantized weight with an optional bias, and the kernel chosen per pass.
 ///
-/// The path depends only on the kind of pass, never on its size, and a GEMM
-/// row's result does not depend on the other rows: so a prompt read whole, in
-/// chunks, or after a reused prefix gives the same numbers, and so does a
-/// sequence decoded alone or in a batch.
+/// On a CPU with AVX-512 VNNI, palaver's block int8 GEMM ([`PackedWeight`],
+/// repacked once here, the bytes of Q8_0) runs every pass of the weights
+/// candle has no int8 kernel for (its row-by-row fallback is 3-9x slower,
+/// `cargo bench --bench kernels`), and the prompt passes of Q8_0 weights it
+/// has one for (1.2x faster at 512 rows; candle keeps their decode passes).
+/// Q4_K and Q6_K weights with candle's repacked kernels stay there: as fast as
+/// ours in the model, and without an 8-bit copy. Without VNNI, prompts
+/// dequantize to one f32 GEMM and decoding stays on candle.
+///
+/// The path depends only on the kind of pass, never on its size, and a row's
+/// result never depends on the other rows: a prompt read whole, in chunks or
+/// after a reused prefix gives the same numbers, and so does a sequence
+/// decoded alone or in a batch.
 struct Linear {
-    q: QMatMul,
-    raw: Arc<QTensor>,
+    /// candle's quantized matmul over the GGUF tensor, when some pass uses it.
+    quant: Option<(QMatMul, Arc<QTensor>)>,
+    int8: Option<PackedWeight>,
     bias: Option<Tensor>,
-    /// Prompt rows go through the f32 GEMM (else through candle's kernel).
-    gemm: bool,
 }
 
 impl Linear {
     fn new(w: QTensor, bias: Option<Tensor>) -> Result<Self> {
-        let gemm = w.device().is_cpu() && !candle_has_int8_gemm(&w);
-        let raw = Arc::new(w);
-        Ok(Self { q: QMatMul::from_arc(raw.clone())?, raw, bias, gemm })
+        let (n, k) = w.shape().dims2()?;
+        // K-quants keep candle's kernels where it has them: as fast as ours
+        // in the model (its sub-block scales are integers, a cheaper
+        // epilogue) and without a second, 8-bit copy of the weight.
+        let k_quant = matches!(w.dtype(), GgmlDType::Q4K | GgmlDType::Q6K);
+        let own = w.device().is_cpu() && qgemm::vnni() && k.is_multiple_of(qgemm::BLOCK);
+        let int8 = if own && !(k_quant && candle_has_int8_gemm(&w)) {
+            let f = dequantize(&w)?.flatten_all()?.to_vec1::<f32>()?;
+            Some(PackedWeight::from_f32(&f, n, k))
+        } else {
+            None
+        };
+        let quant = if int8.is_none() || candle_has_int8_gemm(&w) {
+            let raw = Arc::new(w);
+            Some((QMatMul::from_arc(raw.clone())?, raw))
+        } else {
+            None
+        };
+        Ok(Self { quant, int8, bias })
     }
 
     /// `x`: (rows, in) -> (rows, out).
     fn forward(&self, x: &Tensor, prompt: bool) -> Result<Tensor> {
-        let y = if prompt && self.gemm {
-            let w = dequantize(&self.raw)?;
-            x.matmul(&w.t()?)?
-        } else {
-            self.q.forward(x)?
+        let y = match (&self.int8, &self.quant) {
+            (Some(p), None) => int8_matmul(p, x)?,
+            (Some(p), Some(_)) if prompt => int8_matmul(p, x)?,
+            (None, Some((_, raw))) if prompt && raw.device().is_cpu() && !candle_has_int8_gemm(raw) => {
+                x.matmul(&dequantize(raw)?.t()?)?
+            }
+            // candle's repacked kernel takes another path for a single row,
+            // which rounds differently: a 1-token prompt chunk (the last
+            // token of a reused prompt) goes in as two identical rows so that
+            // it gets the arithmetic of the cold run's chunk.
+            (_, Some((q, _))) if prompt && x.dim(0)? == 1 => q.forward(&Tensor::cat(&[x, x], 0)?)?.narrow(0, 0, 1)?,
+            (_, Some((q, _))) => q.forward(x)?,
+            (None, None) => unreachable!("a Linear keeps at least one kernel"),
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -106,28 +137,22 @@ impl Linear {
     }
 }
 
-/// Whether candle 0.11 multiplies prompt rows by this weight with its repacked
-/// int8 kernels (AVX-512 VNNI dot products, AMX for Q4_K): Q4_K, Q6_K and Q8_0
-/// weights whose input size is a multiple of 256 and output size of 16, on a
-/// CPU with AVX-512 VNNI. Those beat a dequantized f32 GEMM (measured: the
-/// 1.5B model's prompt at 53 tokens/s through the GEMM); every other weight
-/// (the 0.5B model's 896-wide layers, Q4_0, Q5_K...) falls to candle's
-/// row-by-row kernel, which the GEMM beats 2x.
+fn int8_matmul(p: &PackedWeight, x: &Tensor) -> Result<Tensor> {
+    let rows = x.dim(0)?;
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    Tensor::from_vec(p.matmul(&xs, rows), (rows, p.rows()), x.device())
+}
+
+/// Whether candle 0.11 multiplies rows by this weight with its repacked int8
+/// kernels (AVX-512 VNNI dot products): Q4_K, Q6_K and Q8_0 weights whose
+/// input size is a multiple of 256 and output size of 16, on a CPU with
+/// AVX-512 VNNI. Every other weight (the 0.5B model's 896-wide layers, Q4_0,
+/// Q5_K...) falls to candle's row-by-row kernel.
 fn candle_has_int8_gemm(w: &QTensor) -> bool {
     let Ok((n, k)) = w.shape().dims2() else { return false };
     let shape_ok = k.is_multiple_of(256) && n.is_multiple_of(16);
     let dtype_ok = matches!(w.dtype(), GgmlDType::Q4K | GgmlDType::Q6K | GgmlDType::Q8_0);
-    shape_ok && dtype_ok && vnni()
-}
-
-#[cfg(target_arch = "x86_64")]
-fn vnni() -> bool {
-    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn vnni() -> bool {
-    false
+    shape_ok && dtype_ok && qgemm::vnni()
 }
 
 /// Dequantizes on all cores (candle's own `dequantize` runs on one).
@@ -278,7 +303,7 @@ impl Transformer {
         let mut row = 0;
         for s in steps.iter() {
             let (t, past) = (s.tokens.len(), s.cache.len());
-            let mask = if t > 1 { Some(causal_mask(t, past, group, &self.device)?) } else { None };
+            let mask = if t > 1 && !self.device.is_cpu() { Some(causal_mask(t, past, group, &self.device)?) } else { None };
             plans.push(Plan { row, t, cos: self.cos.narrow(0, past, t)?, sin: self.sin.narrow(0, past, t)?, mask });
             row += t;
         }
@@ -290,7 +315,7 @@ impl Transformer {
             let mut ys = Vec::with_capacity(steps.len());
             for (s, p) in steps.iter_mut().zip(&plans) {
                 let part = |m: &Tensor| m.narrow(0, p.row, p.t);
-                ys.push(self.attention(&part(&q)?, &part(&k)?, &part(&v)?, p, s.cache, i, prompt)?);
+                ys.push(self.attention(&part(&q)?, &part(&k)?, &part(&v)?, p, s.cache, i)?);
             }
             let y = if ys.len() == 1 { ys.pop().unwrap() } else { Tensor::cat(&ys, 0)? };
             x = (x + l.o.forward(&y, prompt)?)?;
@@ -312,20 +337,9 @@ impl Transformer {
     /// Attention of one sequence's `t` new rows ((t, heads*head_dim) for q,
     /// (t, kv_heads*head_dim) for k and v) over its cache; returns (t, hidden).
     ///
-    /// Decode passes use the decode kernel; a prompt pass always uses the
-    /// matmul form, even for a 1-token chunk (the last token of a reused
-    /// prompt), so that it adds in the same order as a cold run.
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        p: &Plan,
-        cache: &mut SeqCache,
-        layer: usize,
-        prompt: bool,
-    ) -> Result<Tensor> {
+    /// On the CPU, decode steps and prompt chunks alike run
+    /// [`attention::causal`]; elsewhere, the matmul form with a mask.
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, p: &Plan, cache: &mut SeqCache, layer: usize) -> Result<Tensor> {
         let c = &self.cfg;
         let t = p.t;
         let heads = |x: &Tensor, n: usize| x.reshape((1, t, n, c.head_dim))?.transpose(1, 2)?.contiguous();
@@ -337,8 +351,8 @@ impl Transformer {
         };
         // (kv_heads, len, head_dim) views of the cache, written in place.
         let (k_all, v_all) = cache.append(layer, &k.squeeze(0)?, &v.squeeze(0)?)?;
-        if t == 1 && !prompt && q.device().is_cpu() {
-            return decode_attention(&q, &k_all, &v_all, c.kv_heads);
+        if q.device().is_cpu() {
+            return attention::causal(&q, &k_all, &v_all);
         }
         let group = c.heads / c.kv_heads;
         // Grouped-query attention without copying K/V per head: the `group`
@@ -352,67 +366,6 @@ impl Transformer {
         let y = probs.matmul(&v_all)?; // (kv_heads, group*t, head_dim)
         y.reshape((c.heads, t, c.head_dim))?.transpose(0, 1)?.reshape((t, c.hidden))
     }
-}
-
-/// Attention of one new token over a sequence's cache on the CPU, one query
-/// head per task: a handful of dot products and axpys per cached position,
-/// streamed from the cache in place. candle's batched matmul costs more in
-/// dispatch than in arithmetic at this size, which made decoding after 1,024
-/// tokens a quarter slower than after 16.
-/// `q`: (1, heads, 1, head_dim); `k`, `v`: (kv_heads, len, head_dim) views.
-fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, kv_heads: usize) -> Result<Tensor> {
-    use candle_core::Storage;
-    let (_, heads, _, hd) = q.dims4()?;
-    let qv: Vec<f32> = q.flatten_all()?.to_vec1()?;
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*ks, &*vs) else {
-        candle_core::bail!("decode attention on a non-CPU cache")
-    };
-    let (kd, vd) = (kc.as_slice::<f32>()?, vc.as_slice::<f32>()?);
-    let len = k.dim(1)?;
-    if kl.stride()[1..] != [hd, 1] || vl.stride()[1..] != [hd, 1] {
-        candle_core::bail!("decode attention needs rows of head_dim contiguous in the cache");
-    }
-    let group = heads / kv_heads;
-    let scale = (hd as f32).sqrt();
-    let mut out = vec![0f32; heads * hd];
-    out.par_chunks_mut(hd).enumerate().for_each(|(h, o)| {
-        let kvh = h / group;
-        let keys = &kd[kl.start_offset() + kvh * kl.stride()[0]..][..len * hd];
-        let vals = &vd[vl.start_offset() + kvh * vl.stride()[0]..][..len * hd];
-        let qh = &qv[h * hd..(h + 1) * hd];
-        let mut p: Vec<f32> = keys.chunks_exact(hd).map(|kr| dot(qh, kr) / scale).collect();
-        let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for x in p.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        for (w, vr) in p.iter().zip(vals.chunks_exact(hd)) {
-            for (a, b) in o.iter_mut().zip(vr) {
-                *a += w * b;
-            }
-        }
-        let inv = 1.0 / sum;
-        o.iter_mut().for_each(|a| *a *= inv);
-    });
-    drop((ks, vs));
-    Tensor::from_vec(out, (1, heads * hd), q.device())
-}
-
-/// Dot product in 16 independent lanes, so that it vectorises (a single f32
-/// accumulator would pin the order of the additions and stay scalar).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// One sequence's part of a [`Transformer::forward_many`] pass.
@@ -480,37 +433,6 @@ mod tests {
             let i = r % 2;
             let visible = row.iter().filter(|v| v.is_finite()).count();
             assert_eq!(visible, 3 + i + 1, "row {r}");
-        }
-    }
-}
-
-#[cfg(test)]
-mod attention_tests {
-    use super::*;
-
-    /// The decode kernel against plain tensor ops, on views of a cache with
-    /// spare capacity, odd lengths and head sizes, grouped and plain heads.
-    #[test]
-    fn decode_attention_equals_the_tensor_formula() {
-        let dev = Device::Cpu;
-        for (heads, kv_heads, hd, len, cap) in [(9, 3, 64, 1, 8), (14, 2, 64, 37, 64), (12, 2, 128, 513, 1024), (4, 4, 20, 5, 7)] {
-            let q = Tensor::randn(0f32, 1.0, (1, heads, 1, hd), &dev).unwrap();
-            let kc = Tensor::randn(0f32, 1.0, (kv_heads, cap, hd), &dev).unwrap();
-            let vc = Tensor::randn(0f32, 1.0, (kv_heads, cap, hd), &dev).unwrap();
-            let (k, v) = (kc.narrow(1, 0, len).unwrap(), vc.narrow(1, 0, len).unwrap());
-            let ours: Vec<f32> = decode_attention(&q, &k, &v, kv_heads).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let group = heads / kv_heads;
-            let mut want = Vec::new();
-            for h in 0..heads {
-                let qh = q.get(0).unwrap().get(h).unwrap(); // (1, hd)
-                let kh = k.get(h / group).unwrap().contiguous().unwrap(); // (len, hd)
-                let vh = v.get(h / group).unwrap().contiguous().unwrap();
-                let s = (qh.matmul(&kh.t().unwrap()).unwrap() / (hd as f64).sqrt()).unwrap();
-                let p = candle_nn::ops::softmax_last_dim(&s).unwrap();
-                want.extend(p.matmul(&vh).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
-            }
-            let err = ours.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(err < 1e-4, "heads {heads}/{kv_heads} hd {hd} len {len}: max error {err}");
         }
     }
 }

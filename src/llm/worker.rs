@@ -65,11 +65,26 @@ pub struct LlmStats {
     pub decode_rows: u64,
 }
 
+/// Prompt caches kept by default: about 18 threads of 1,000 tokens with the
+/// 1.5B model (56 KiB per token), 40 with the 0.5B.
+pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 1 << 30;
+
+/// Whether a prompt row's numbers are independent of the rows read with it on
+/// this device, so that a prompt read after a reused prefix gives exactly the
+/// cold run's numbers: on CPUs with AVX-512 VNNI (palaver's int8 GEMM, and
+/// candle's repacked kernels for two rows or more; see `Linear`), not with the
+/// f32 GEMM fallback or on a GPU.
+pub fn prompt_rows_exact(device: &Device) -> bool {
+    device.is_cpu() && super::qgemm::vnni()
+}
+
 /// How the model thread serves requests.
 #[derive(Debug, Clone, Default)]
 pub struct LlmOptions {
-    /// Bounds the prompt caches kept per conversation (0: no reuse).
-    pub prefix_cache_bytes: usize,
+    /// Bounds the prompt caches kept per conversation (0: no reuse). `None`:
+    /// [`DEFAULT_PREFIX_CACHE_BYTES`] where reuse is bit-exact
+    /// ([`prompt_rows_exact`]), else off.
+    pub prefix_cache_bytes: Option<usize>,
     pub batch: BatchPolicy,
 }
 
@@ -157,7 +172,8 @@ fn run(
     counters: &Counters,
 ) {
     let t = Instant::now();
-    let mut llm = match Llm::load(&files, &device, opts.prefix_cache_bytes) {
+    let prefix_bytes = opts.prefix_cache_bytes.unwrap_or(if prompt_rows_exact(&device) { DEFAULT_PREFIX_CACHE_BYTES } else { 0 });
+    let mut llm = match Llm::load(&files, &device, prefix_bytes) {
         Ok(m) => {
             tracing::info!(model = %files.id, secs = t.elapsed().as_secs_f32(), "model loaded");
             let _ = state.send(ModelState::Ready { context: m.context_len() });

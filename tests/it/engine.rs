@@ -181,7 +181,7 @@ fn batched_generation_gives_each_request_the_tokens_it_gets_alone() {
         // Prompts are read between decode steps of the sequences already
         // generating, in chunks of the same size as a lone request's.
         let opts = palaver::llm::LlmOptions {
-            prefix_cache_bytes: 0,
+            prefix_cache_bytes: Some(0),
             batch: palaver::llm::batching::BatchPolicy { max_sequences: 4, ..Default::default() },
         };
         let llm = palaver::llm::LlmHandle::spawn(files, Device::Cpu, opts).unwrap();
@@ -198,3 +198,36 @@ fn batched_generation_gives_each_request_the_tokens_it_gets_alone() {
 }
 
 
+
+/// Where prompt rows are exact (AVX-512 VNNI: palaver's int8 GEMM for the
+/// SmolLM2 fixture, candle's repacked K-quant kernels for the 1.5B summarizer),
+/// a prompt read in chunks of any size, as the scheduler and prefix reuse read
+/// it, gives bit-for-bit the logits of one read whole.
+#[test]
+fn a_prompt_read_in_chunks_gives_the_logits_of_one_read_whole() {
+    use palaver::llm::transformer::Step;
+    for (model, chunks) in [(models::FIXTURE_LLM, &[32, 7, 3, 2, 1][..]), (models::DEFAULT_SUMMARIZER, &[7, 2, 1][..])] {
+        let llm = Llm::load(&llm_files(model), &Device::Cpu, 0).unwrap();
+        let p = prompt(&llm, "Cliente: paguei o boleto ontem e o pedido 7731 continua como pendente. Podem verificar?");
+        let m = llm.transformer();
+        let read = |chunk: usize| -> Vec<f32> {
+            let mut cache = m.new_cache();
+            let mut last = None;
+            for c in p.chunks(chunk) {
+                last = Some(m.forward_many(&mut [Step { tokens: c, cache: &mut cache }], true).unwrap());
+            }
+            last.unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let whole = read(p.len());
+        for &chunk in chunks {
+            let parts = read(chunk);
+            if palaver::llm::prompt_rows_exact(&Device::Cpu) {
+                let first = parts.iter().zip(&whole).position(|(a, b)| a != b);
+                assert!(first.is_none(), "{model}, chunks of {chunk}: logit {first:?} differs");
+            } else {
+                let c = cosine(&Tensor::new(parts, &Device::Cpu).unwrap(), &Tensor::new(whole.as_slice(), &Device::Cpu).unwrap());
+                assert!(c > 0.9999, "{model}, chunks of {chunk}: cosine {c}");
+            }
+        }
+    }
+}

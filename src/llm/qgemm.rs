@@ -1,0 +1,388 @@
+//! Block-quantized int8 GEMM for the decoder's weights: `y = x · Wᵀ` with `W`
+//! held as int8 in blocks of 32 inputs, each block with its own scale (the
+//! Q8_0 layout), and `x` quantized the same way on the fly.
+//!
+//! Why blocks and not one scale per row: Qwen's hidden states carry a few
+//! channels hundreds of times larger than the rest; one scale per row would
+//! flatten every other channel to zero. Blocks of 32 confine an outlier's
+//! damage to its own block, as GGML's Q8_0 does.
+//!
+//! The AVX-512 VNNI kernel multiplies 64 unsigned-by-signed byte pairs per
+//! `vpdpbusd`. Weights are stored as `q + 128` (unsigned) with an f16 scale per
+//! block: 34 bytes per 32 weights, the bytes of Q8_0 itself, which is what a
+//! decode step reads. Each activation block carries `-128 * Σx`, which starts
+//! the block's integer accumulator, so the offset costs nothing in the loop
+//! and nothing in the weight's bytes. Per block the integer sum is scaled by
+//! `d_w · d_x` and added to an f32 accumulator with one FMA.
+//!
+//! Every output row depends only on its own input row, through the same
+//! sequence of operations whatever the number of rows or their tile: a prompt
+//! read whole, in chunks, or after a reused prefix gives bit-identical rows.
+//! The scalar fallback performs the same operations in the same order and
+//! gives bit-identical results too (tested).
+
+use half::f16;
+use rayon::prelude::*;
+
+/// Inputs per quantization block.
+pub const BLOCK: usize = 32;
+/// Output columns per tile: two vectors of 16 i32 lanes.
+const TILE: usize = 32;
+/// Input rows per micro-kernel call: 4 rows x 2 vectors = 8 integer and 8
+/// float accumulators, leaving registers for the weights and broadcasts.
+const ROWS: usize = 4;
+/// Rows quantized and multiplied per parallel task: keeps a task's activations
+/// (rows x k bytes) in L2 while the weight tiles stream past them.
+const ROW_CHUNK: usize = 64;
+
+/// Whether this CPU runs the VNNI kernel (else the scalar fallback runs).
+pub fn vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A weight of `n` outputs by `k` inputs, repacked once at load.
+pub struct PackedWeight {
+    n: usize,
+    k: usize,
+    /// `[tile][block][group of 4 inputs][32 columns][4]` of `q + 128`: one
+    /// 64-byte load feeds 16 columns with 4 inputs each. Columns past `n`
+    /// have zero scales.
+    q: Vec<u8>,
+    /// `[tile][block][32]` weight scales, f16 bits.
+    scale: Vec<u16>,
+}
+
+/// Activations quantized per row in blocks of 32, with each block's scale
+/// and `-128 * Σq` (the weights' unsigned offset taken back out).
+pub struct QuantRows {
+    rows: usize,
+    k: usize,
+    q: Vec<i8>,
+    scale: Vec<f32>,
+    offset: Vec<i32>,
+}
+
+fn amax(x: &[f32]) -> f32 {
+    x.iter().fold(0f32, |m, v| m.max(v.abs()))
+}
+
+/// Symmetric int8 quantization of one block with scale `d` (the block's
+/// largest magnitude over 127, as GGML's Q8_0), ties to even.
+fn quantize_with(x: &[f32], d: f32, out: &mut [i8]) {
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+}
+
+impl PackedWeight {
+    /// `w`: `n` rows of `k` f32 (one per output). `k` must be a multiple of 32.
+    /// A weight that was Q8_0 comes back exactly: its blocks requantize to the
+    /// same integers and scales.
+    pub fn from_f32(w: &[f32], n: usize, k: usize) -> Self {
+        assert!(k.is_multiple_of(BLOCK) && w.len() == n * k, "weight of {n}x{k} needs k a multiple of {BLOCK}");
+        let (tiles, blocks) = (n.div_ceil(TILE), k / BLOCK);
+        let tile_bytes = blocks * BLOCK * TILE;
+        let mut q = vec![128u8; tiles * tile_bytes];
+        let mut scale = vec![0u16; tiles * blocks * TILE];
+        q.par_chunks_mut(tile_bytes).zip(scale.par_chunks_mut(blocks * TILE)).enumerate().for_each(|(t, (qt, st))| {
+            let mut block = [0i8; BLOCK];
+            for c in 0..TILE.min(n - t * TILE) {
+                let row = &w[(t * TILE + c) * k..][..k];
+                for b in 0..blocks {
+                    // The scale is rounded to f16 first and the block quantized
+                    // with the rounded scale (exact for a Q8_0 source).
+                    let d = f16::from_f32(amax(&row[b * BLOCK..][..BLOCK]) / 127.0);
+                    quantize_with(&row[b * BLOCK..][..BLOCK], d.to_f32(), &mut block);
+                    st[b * TILE + c] = d.to_bits();
+                    for (i, &v) in block.iter().enumerate() {
+                        // group i/4 of the block, column c, byte i%4
+                        qt[(b * BLOCK / 4 + i / 4) * TILE * 4 + c * 4 + i % 4] = (v as i16 + 128) as u8;
+                    }
+                }
+            }
+        });
+        Self { n, k, q, scale }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes held (weights and scales).
+    pub fn bytes(&self) -> usize {
+        self.q.len() + 2 * self.scale.len()
+    }
+
+    /// `x`: `m` rows of `k` f32; returns `m` rows of `n`.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.k, "input of {} values is not {m} rows of {}", x.len(), self.k);
+        let mut y = vec![0f32; m * self.n];
+        let fast = vnni();
+        // Tasks: chunks of rows x groups of tiles, enough of them to keep every
+        // core busy for a single decode row as well as for a 512-row prompt.
+        let tiles = self.n.div_ceil(TILE);
+        let chunks = m.div_ceil(ROW_CHUNK);
+        let split = (2 * rayon::current_num_threads()).div_ceil(chunks).clamp(1, tiles);
+        let per = tiles.div_ceil(split);
+        let out = SyncPtr(y.as_mut_ptr());
+        (0..chunks * split).into_par_iter().for_each(|task| {
+            let (chunk, part) = (task / split, task % split);
+            let r0 = chunk * ROW_CHUNK;
+            let rows = ROW_CHUNK.min(m - r0);
+            let xq = QuantRows::new(&x[r0 * self.k..(r0 + rows) * self.k], rows, self.k);
+            for t in part * per..((part + 1) * per).min(tiles) {
+                // SAFETY: each task writes rows r0.. of columns of its own tiles.
+                unsafe { self.tile(&xq, t, out.get().add(r0 * self.n), fast) };
+            }
+        });
+        y
+    }
+
+    /// One tile of 32 columns for all rows of `xq`, written into `out`
+    /// (row stride `n`).
+    unsafe fn tile(&self, xq: &QuantRows, t: usize, out: *mut f32, fast: bool) {
+        let blocks = self.k / BLOCK;
+        let w = &self.q[t * blocks * BLOCK * TILE..][..blocks * BLOCK * TILE];
+        let s = &self.scale[t * blocks * TILE..][..blocks * TILE];
+        let cols = TILE.min(self.n - t * TILE);
+        let out = out.add(t * TILE);
+        let mut r = 0;
+        while r < xq.rows {
+            let rows = ROWS.min(xq.rows - r);
+            let dst = out.add(r * self.n);
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                match rows {
+                    4 => avx512::tile::<4>(xq, r, w, s, dst, self.n, cols),
+                    3 => avx512::tile::<3>(xq, r, w, s, dst, self.n, cols),
+                    2 => avx512::tile::<2>(xq, r, w, s, dst, self.n, cols),
+                    _ => avx512::tile::<1>(xq, r, w, s, dst, self.n, cols),
+                }
+                r += rows;
+                continue;
+            }
+            let _ = fast;
+            for i in 0..rows {
+                scalar_row(xq, r + i, w, s, std::slice::from_raw_parts_mut(dst.add(i * self.n), cols));
+            }
+            r += rows;
+        }
+    }
+}
+
+struct SyncPtr(*mut f32);
+impl SyncPtr {
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: the tasks sharing it write disjoint elements (see `matmul`).
+unsafe impl Sync for SyncPtr {}
+unsafe impl Send for SyncPtr {}
+
+impl QuantRows {
+    pub fn new(x: &[f32], rows: usize, k: usize) -> Self {
+        let blocks = k / BLOCK;
+        let mut q = vec![0i8; rows * k];
+        let mut scale = vec![0f32; rows * blocks];
+        let mut offset = vec![0i32; rows * blocks];
+        for (i, (xb, qb)) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).enumerate() {
+            scale[i] = amax(xb) / 127.0;
+            quantize_with(xb, scale[i], qb);
+            offset[i] = -128 * qb.iter().map(|&v| v as i32).sum::<i32>();
+        }
+        Self { rows, k, q, scale, offset }
+    }
+}
+
+/// The reference: the kernel's arithmetic one column at a time.
+fn scalar_row(xq: &QuantRows, r: usize, w: &[u8], s: &[u16], out: &mut [f32]) {
+    let blocks = xq.k / BLOCK;
+    let xr = &xq.q[r * xq.k..][..xq.k];
+    for (c, y) in out.iter_mut().enumerate() {
+        let mut f = 0f32;
+        for b in 0..blocks {
+            let mut acc = xq.offset[r * blocks + b];
+            for i in 0..BLOCK {
+                let wv = w[(b * BLOCK / 4 + i / 4) * TILE * 4 + c * 4 + i % 4] as i32;
+                acc += xr[b * BLOCK + i] as i32 * wv;
+            }
+            f = (acc as f32).mul_add(f16::from_bits(s[b * TILE + c]).to_f32() * xq.scale[r * blocks + b], f);
+        }
+        *y = f;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{QuantRows, BLOCK, TILE};
+    use std::arch::x86_64::*;
+
+    /// `R` rows from `r` of `xq` times one tile. Each row's lanes go through
+    /// exactly the operations of `scalar_row`: integer sums (exact), then per
+    /// block `f = fma(float(acc), d_w * d_x, f)`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn tile<const R: usize>(
+        xq: &QuantRows,
+        r: usize,
+        w: &[u8],
+        s: &[u16],
+        out: *mut f32,
+        ldo: usize,
+        cols: usize,
+    ) {
+        let (k, blocks) = (xq.k, xq.k / BLOCK);
+        let x = xq.q.as_ptr().add(r * k);
+        let xs = xq.scale.as_ptr().add(r * blocks);
+        let xo = xq.offset.as_ptr().add(r * blocks);
+        let mut f = [[_mm512_setzero_ps(); 2]; R];
+        for b in 0..blocks {
+            let mut acc = [[_mm512_setzero_si512(); 2]; R];
+            for (i, a) in acc.iter_mut().enumerate() {
+                let o = _mm512_set1_epi32(*xo.add(i * blocks + b));
+                *a = [o, o];
+            }
+            let wb = w.as_ptr().add(b * BLOCK * TILE);
+            for g in 0..BLOCK / 4 {
+                let w0 = _mm512_loadu_si512(wb.add(g * TILE * 4) as *const __m512i);
+                let w1 = _mm512_loadu_si512(wb.add(g * TILE * 4 + 64) as *const __m512i);
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let four = (x.add(i * k + b * BLOCK + g * 4) as *const i32).read_unaligned();
+                    let xv = _mm512_set1_epi32(four);
+                    a[0] = _mm512_dpbusd_epi32(a[0], w0, xv);
+                    a[1] = _mm512_dpbusd_epi32(a[1], w1, xv);
+                }
+            }
+            let s0 = _mm512_cvtph_ps(_mm256_loadu_si256(s.as_ptr().add(b * TILE) as *const __m256i));
+            let s1 = _mm512_cvtph_ps(_mm256_loadu_si256(s.as_ptr().add(b * TILE + 16) as *const __m256i));
+            for i in 0..R {
+                let dx = _mm512_set1_ps(*xs.add(i * blocks + b));
+                f[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][0]), _mm512_mul_ps(s0, dx), f[i][0]);
+                f[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][1]), _mm512_mul_ps(s1, dx), f[i][1]);
+            }
+        }
+        let m0: __mmask16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
+        let m1: __mmask16 = if cols >= 32 { 0xffff } else if cols > 16 { (1u32 << (cols - 16)) as u16 - 1 } else { 0 };
+        for (i, fi) in f.iter().enumerate() {
+            _mm512_mask_storeu_ps(out.add(i * ldo), m0, fi[0]);
+            _mm512_mask_storeu_ps(out.add(i * ldo + 16), m1, fi[1]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rnd(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn reference(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        let mut y = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k).map(|l| x[i * k + l] as f64 * w[j * k + l] as f64).sum::<f64>() as f32;
+            }
+        }
+        y
+    }
+
+    /// Odd shapes: columns not a multiple of 16 or 32, rows not a multiple
+    /// of the micro-kernel's 4 or the 64-row chunk, one block of inputs.
+    const SHAPES: [(usize, usize, usize); 6] = [(1, 32, 32), (3, 17, 64), (5, 45, 96), (67, 100, 256), (130, 33, 160), (8, 896, 896)];
+
+    #[test]
+    fn matches_f32_within_int8_rounding() {
+        for (m, n, k) in SHAPES {
+            let (x, mut w) = (rnd(m * k, 1 + m as u64), rnd(n * k, 7 + n as u64));
+            // An outlier channel, as in Qwen's hidden states.
+            for v in w.iter_mut().step_by(k + 3) {
+                *v *= 20.0;
+            }
+            let ours = PackedWeight::from_f32(&w, n, k).matmul(&x, m);
+            let want = reference(&x, &w, m, n, k);
+            let (mut dot, mut a, mut b) = (0f64, 0f64, 0f64);
+            for (p, q) in ours.iter().zip(&want) {
+                dot += (p * q) as f64;
+                a += (p * p) as f64;
+                b += (q * q) as f64;
+            }
+            let cos = dot / (a.sqrt() * b.sqrt());
+            assert!(cos > 0.9999, "{m}x{n}x{k}: cosine {cos}");
+        }
+    }
+
+    #[test]
+    fn vector_kernel_equals_scalar_bit_for_bit() {
+        if !vnni() {
+            eprintln!("no AVX-512 VNNI on this CPU: only the scalar path is tested");
+            return;
+        }
+        for (m, n, k) in SHAPES {
+            let (x, w) = (rnd(m * k, 3 + k as u64), rnd(n * k, 5 + m as u64));
+            let p = PackedWeight::from_f32(&w, n, k);
+            let fast = p.matmul(&x, m);
+            let xq = QuantRows::new(&x, m, k);
+            let mut slow = vec![0f32; m * n];
+            for t in 0..n.div_ceil(TILE) {
+                unsafe { p.tile(&xq, t, slow.as_mut_ptr(), false) };
+            }
+            assert_eq!(fast, slow, "{m}x{n}x{k}");
+        }
+    }
+
+    #[test]
+    fn a_row_does_not_depend_on_the_rows_beside_it() {
+        let (m, n, k) = (70, 96, 128);
+        let (x, w) = (rnd(m * k, 11), rnd(n * k, 13));
+        let p = PackedWeight::from_f32(&w, n, k);
+        let all = p.matmul(&x, m);
+        for r in [0, 3, 64, 69] {
+            let one = p.matmul(&x[r * k..(r + 1) * k], 1);
+            assert_eq!(one, all[r * n..(r + 1) * n], "row {r}");
+        }
+        let tail = p.matmul(&x[5 * k..], m - 5);
+        assert_eq!(tail, all[5 * n..]);
+    }
+
+    #[test]
+    fn a_q8_0_weight_repacks_exactly() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::{Device, Tensor};
+        let (n, k) = (48, 128);
+        let w = Tensor::new(rnd(n * k, 17), &Device::Cpu).unwrap().reshape((n, k)).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let deq: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let p = PackedWeight::from_f32(&deq, n, k);
+        // Dequantizing the packed blocks gives the Q8_0 values back.
+        for c in 0..n {
+            for i in 0..k {
+                let (t, cc, b) = (c / TILE, c % TILE, i / BLOCK);
+                let blocks = k / BLOCK;
+                let qv = p.q[t * blocks * BLOCK * TILE + (i / 4) * TILE * 4 + cc * 4 + i % 4] as f32 - 128.0;
+                let d = f16::from_bits(p.scale[(t * blocks + b) * TILE + cc]).to_f32();
+                assert_eq!(qv * d, deq[c * k + i], "({c}, {i})");
+            }
+        }
+    }
+}
