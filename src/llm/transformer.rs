@@ -123,10 +123,13 @@ impl Linear {
                 x.matmul(&dequantize(raw)?.t()?)?
             }
             // candle's repacked kernel takes another path for a single row,
-            // which rounds differently: a 1-token prompt chunk (the last
-            // token of a reused prompt) goes in as two identical rows so that
-            // it gets the arithmetic of the cold run's chunk.
-            (_, Some((q, _))) if prompt && x.dim(0)? == 1 => q.forward(&Tensor::cat(&[x, x], 0)?)?.narrow(0, 0, 1)?,
+            // which rounds differently from two rows or more: a 1-token
+            // prompt chunk (the last token of a reused prompt) goes in twice,
+            // so that it gets the arithmetic of the cold run's chunk. Decode
+            // steps keep the single-row path: two rows cost 1.6x one there.
+            (_, Some((q, raw))) if prompt && x.dim(0)? == 1 && candle_has_int8_gemm(raw) => {
+                q.forward(&Tensor::cat(&[x, x], 0)?)?.narrow(0, 0, 1)?
+            }
             (_, Some((q, _))) => q.forward(x)?,
             (None, None) => unreachable!("a Linear keeps at least one kernel"),
         };
