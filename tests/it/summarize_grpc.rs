@@ -297,9 +297,9 @@ async fn same_thread_gives_the_same_summary() {
     assert_eq!(a.next_steps, b.next_steps);
     let (ta, tb) = (a.tokens.unwrap(), b.tokens.unwrap());
     assert_eq!((ta.prompt_tokens, ta.generated_tokens), (tb.prompt_tokens, tb.generated_tokens));
-    assert_eq!(ta.reused_prompt_tokens, 0);
     // Where reuse is exact it is on by default: the second call reads the
-    // cached prompt instead of the model, yet answers the same.
+    // cached prompt instead of the model, yet answers the same. (The first
+    // may reuse too: a regenerated answer shares its first attempt's prefix.)
     if palaver::llm::prompt_rows_exact(&candle_core::Device::Cpu) {
         assert!(tb.reused_prompt_tokens > 0 && tb.reused_prompt_tokens < tb.prompt_tokens, "{tb:?}");
     }
