@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod cpu;
 pub mod encoder;
 pub mod eval;
 pub mod intent;

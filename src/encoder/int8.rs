@@ -21,14 +21,7 @@ const ROWS: usize = 4;
 
 /// Whether this CPU runs the int8 kernels.
 pub fn supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::cpu::avx512_vnni()
 }
 
 pub struct QuantLinear {

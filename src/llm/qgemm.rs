@@ -37,14 +37,7 @@ const ROW_CHUNK: usize = 64;
 
 /// Whether this CPU runs the VNNI kernel (else the scalar fallback runs).
 pub fn vnni() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::cpu::avx512_vnni()
 }
 
 /// A weight of `n` outputs by `k` inputs, repacked once at load.
