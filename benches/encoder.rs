@@ -25,7 +25,7 @@ fn bench(c: &mut Criterion) {
     let mean = ids.iter().map(|i| i.len()).sum::<usize>() as f64 / ids.len() as f64;
     eprintln!("{name}: mean {mean:.1} tokens per message");
     for precision in [Precision::F32, Precision::Int8] {
-        if precision == Precision::Int8 && !palaver::encoder::int8::supported() {
+        if precision == Precision::Int8 && !palaver::cpu::avx512_vnni() {
             eprintln!("no AVX-512 VNNI: int8 not measured");
             continue;
         }

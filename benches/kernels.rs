@@ -30,7 +30,7 @@ fn bench(c: &mut Criterion) {
         .split(',')
         .map(|r| r.trim().parse().expect("ROWS: comma-separated row counts"))
         .collect();
-    eprintln!("AVX-512 VNNI: {}", palaver::llm::qgemm::vnni());
+    eprintln!("AVX-512 VNNI: {}", palaver::cpu::avx512_vnni());
     let dev = Device::Cpu;
     for (name, n, k) in SHAPES {
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();

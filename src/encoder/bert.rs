@@ -76,9 +76,9 @@ pub struct PackedBert {
 }
 
 impl PackedBert {
-    /// `int8`: run the dense layers in int8 (only where `int8::supported()`).
+    /// `int8`: run the dense layers in int8 (only where `crate::cpu::avx512_vnni()`).
     pub fn load(vb: VarBuilder, cfg: &Config, int8: bool) -> Result<Self> {
-        let int8 = int8 && vb.device().is_cpu() && super::int8::supported();
+        let int8 = int8 && vb.device().is_cpu() && crate::cpu::avx512_vnni();
         let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") { vb.pp("bert") } else { vb };
         let h = cfg.hidden_size;
         let e = vb.pp("embeddings");

@@ -19,11 +19,6 @@ const BLOCKS: usize = 4;
 /// Rows per micro-kernel.
 const ROWS: usize = 4;
 
-/// Whether this CPU runs the int8 kernels.
-pub fn supported() -> bool {
-    crate::cpu::avx512_vnni()
-}
-
 pub struct QuantLinear {
     /// Inputs, and inputs rounded up to a multiple of 4.
     k: usize,
@@ -180,7 +175,7 @@ mod tests {
 
     #[test]
     fn int8_matches_f32_within_quantisation_error() {
-        if !supported() {
+        if !crate::cpu::avx512_vnni() {
             eprintln!("no AVX-512 VNNI here; int8 layers are not used on this CPU");
             return;
         }

@@ -49,7 +49,7 @@ pub enum Precision {
 impl Precision {
     /// Whether the dense layers will actually run in int8 on `device`.
     pub fn int8_on(self, device: &Device) -> bool {
-        self != Precision::F32 && device.is_cpu() && int8::supported()
+        self != Precision::F32 && device.is_cpu() && crate::cpu::avx512_vnni()
     }
 
     /// Encoder id as reported and stored with trained heads: int8 embeddings

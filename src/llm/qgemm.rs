@@ -35,11 +35,6 @@ const ROWS: usize = 4;
 /// (rows x k bytes) in L2 while the weight tiles stream past them.
 const ROW_CHUNK: usize = 64;
 
-/// Whether this CPU runs the VNNI kernel (else the scalar fallback runs).
-pub fn vnni() -> bool {
-    crate::cpu::avx512_vnni()
-}
-
 /// A weight of `n` outputs by `k` inputs, repacked once at load.
 pub struct PackedWeight {
     n: usize,
@@ -109,35 +104,30 @@ impl PackedWeight {
         self.n
     }
 
-    pub fn cols(&self) -> usize {
-        self.k
-    }
-
-    /// Bytes held (weights and scales).
-    pub fn bytes(&self) -> usize {
-        self.q.len() + 2 * self.scale.len()
-    }
-
     /// `x`: `m` rows of `k` f32; returns `m` rows of `n`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "input of {} values is not {m} rows of {}", x.len(), self.k);
         let mut y = vec![0f32; m * self.n];
-        let fast = vnni();
+        if m == 0 {
+            return y;
+        }
+        let fast = crate::cpu::avx512_vnni();
         // Tasks: chunks of rows x groups of tiles, enough of them to keep every
         // core busy for a single decode row as well as for a 512-row prompt.
         let tiles = self.n.div_ceil(TILE);
         let chunks = m.div_ceil(ROW_CHUNK);
         let split = (2 * rayon::current_num_threads()).div_ceil(chunks).clamp(1, tiles);
         let per = tiles.div_ceil(split);
+        // Each chunk of rows is quantized once, whatever the tasks sharing it.
+        let quant: Vec<QuantRows> =
+            x.par_chunks(ROW_CHUNK * self.k).map(|c| QuantRows::new(c, c.len() / self.k, self.k)).collect();
         let out = SyncPtr(y.as_mut_ptr());
         (0..chunks * split).into_par_iter().for_each(|task| {
             let (chunk, part) = (task / split, task % split);
             let r0 = chunk * ROW_CHUNK;
-            let rows = ROW_CHUNK.min(m - r0);
-            let xq = QuantRows::new(&x[r0 * self.k..(r0 + rows) * self.k], rows, self.k);
             for t in part * per..((part + 1) * per).min(tiles) {
                 // SAFETY: each task writes rows r0.. of columns of its own tiles.
-                unsafe { self.tile(&xq, t, out.get().add(r0 * self.n), fast) };
+                unsafe { self.tile(&quant[chunk], t, out.get().add(r0 * self.n), fast) };
             }
         });
         y
@@ -327,7 +317,7 @@ mod tests {
 
     #[test]
     fn vector_kernel_equals_scalar_bit_for_bit() {
-        if !vnni() {
+        if !crate::cpu::avx512_vnni() {
             eprintln!("no AVX-512 VNNI on this CPU: only the scalar path is tested");
             return;
         }

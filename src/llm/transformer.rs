@@ -5,7 +5,7 @@
 //! kept per conversation, truncated to a shared prefix or restored; and their
 //! prompt path multiplies the quantized weights one input row at a time, which
 //! re-reads every weight once per prompt token. Here the cache belongs to the
-//! caller ([`SeqCache`]) and a prompt chunk is one f32 GEMM per weight.
+//! caller ([`SeqCache`]) and a prompt chunk is one GEMM per weight.
 
 use super::attention;
 use super::kv::SeqCache;
@@ -80,14 +80,17 @@ impl Config {
 /// ours in the model, and without an 8-bit copy. Without VNNI, prompts
 /// dequantize to one f32 GEMM and decoding stays on candle.
 ///
-/// The path depends only on the kind of pass, never on its size, and a row's
-/// result never depends on the other rows: a prompt read whole, in chunks or
-/// after a reused prefix gives the same numbers, and so does a sequence
-/// decoded alone or in a batch.
+/// With VNNI, a prompt row's result never depends on the rows read with it,
+/// so a prompt read whole, in chunks or after a reused prefix gives the same
+/// numbers. Decode rows are as exact on palaver's kernel; candle's repacked
+/// kernel rounds one row differently from several, so there a sequence can
+/// decode differently alone than in a batch.
 struct Linear {
     /// candle's quantized matmul over the GGUF tensor, when some pass uses it.
     quant: Option<(QMatMul, Arc<QTensor>)>,
     int8: Option<PackedWeight>,
+    /// Whether candle runs this weight with its repacked int8 kernel.
+    candle_int8: bool,
     bias: Option<Tensor>,
 }
 
@@ -98,28 +101,28 @@ impl Linear {
         // in the model (its sub-block scales are integers, a cheaper
         // epilogue) and without a second, 8-bit copy of the weight.
         let k_quant = matches!(w.dtype(), GgmlDType::Q4K | GgmlDType::Q6K);
-        let own = w.device().is_cpu() && qgemm::vnni() && k.is_multiple_of(qgemm::BLOCK);
-        let int8 = if own && !(k_quant && candle_has_int8_gemm(&w)) {
+        let candle_int8 = candle_has_int8_gemm(&w);
+        let own = w.device().is_cpu() && crate::cpu::avx512_vnni() && k.is_multiple_of(qgemm::BLOCK);
+        let int8 = if own && !(k_quant && candle_int8) {
             let f = dequantize(&w)?.flatten_all()?.to_vec1::<f32>()?;
             Some(PackedWeight::from_f32(&f, n, k))
         } else {
             None
         };
-        let quant = if int8.is_none() || candle_has_int8_gemm(&w) {
+        let quant = if int8.is_none() || candle_int8 {
             let raw = Arc::new(w);
             Some((QMatMul::from_arc(raw.clone())?, raw))
         } else {
             None
         };
-        Ok(Self { quant, int8, bias })
+        Ok(Self { quant, int8, candle_int8, bias })
     }
 
     /// `x`: (rows, in) -> (rows, out).
     fn forward(&self, x: &Tensor, prompt: bool) -> Result<Tensor> {
         let y = match (&self.int8, &self.quant) {
-            (Some(p), None) => int8_matmul(p, x)?,
-            (Some(p), Some(_)) if prompt => int8_matmul(p, x)?,
-            (None, Some((_, raw))) if prompt && raw.device().is_cpu() && !candle_has_int8_gemm(raw) => {
+            (Some(p), q) if prompt || q.is_none() => int8_matmul(p, x)?,
+            (None, Some((_, raw))) if prompt && raw.device().is_cpu() && !self.candle_int8 => {
                 x.matmul(&dequantize(raw)?.t()?)?
             }
             // candle's repacked kernel takes another path for a single row,
@@ -127,11 +130,11 @@ impl Linear {
             // prompt chunk (the last token of a reused prompt) goes in twice,
             // so that it gets the arithmetic of the cold run's chunk. Decode
             // steps keep the single-row path: two rows cost 1.6x one there.
-            (_, Some((q, raw))) if prompt && x.dim(0)? == 1 && candle_has_int8_gemm(raw) => {
+            (_, Some((q, _))) if prompt && self.candle_int8 && x.dim(0)? == 1 => {
                 q.forward(&Tensor::cat(&[x, x], 0)?)?.narrow(0, 0, 1)?
             }
             (_, Some((q, _))) => q.forward(x)?,
-            (None, None) => unreachable!("a Linear keeps at least one kernel"),
+            (_, None) => unreachable!("a Linear without candle's kernel has the int8 one"),
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -155,7 +158,7 @@ fn candle_has_int8_gemm(w: &QTensor) -> bool {
     let Ok((n, k)) = w.shape().dims2() else { return false };
     let shape_ok = k.is_multiple_of(256) && n.is_multiple_of(16);
     let dtype_ok = matches!(w.dtype(), GgmlDType::Q4K | GgmlDType::Q6K | GgmlDType::Q8_0);
-    shape_ok && dtype_ok && qgemm::vnni()
+    shape_ok && dtype_ok && crate::cpu::avx512_vnni()
 }
 
 /// Dequantizes on all cores (candle's own `dequantize` runs on one).

@@ -75,7 +75,7 @@ pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 1 << 30;
 /// candle's repacked kernels for two rows or more; see `Linear`), not with the
 /// f32 GEMM fallback or on a GPU.
 pub fn prompt_rows_exact(device: &Device) -> bool {
-    device.is_cpu() && super::qgemm::vnni()
+    device.is_cpu() && crate::cpu::avx512_vnni()
 }
 
 /// How the model thread serves requests.

@@ -112,8 +112,8 @@ fn packed_forward_equals_candles_bert() {
 #[test]
 fn int8_embeddings_stay_close_to_f32() {
     use candle_core::Device;
-    use palaver::encoder::{int8, Encoder, Precision};
-    if !int8::supported() {
+    use palaver::encoder::{Encoder, Precision};
+    if !palaver::cpu::avx512_vnni() {
         eprintln!("no AVX-512 VNNI on this CPU: the int8 path is not used here");
         return;
     }
