@@ -1,5 +1,6 @@
 //! What the CPU can run, detected once at run time: the int8 kernels of the
-//! encoder and of the decoder need AVX-512 (F, BW) with VNNI.
+//! encoder and of the decoder need AVX-512 (F, BW) with VNNI. Also the one
+//! f32 dot product the crate's hand-written loops share.
 
 /// Whether `vpdpbusd` on 512-bit registers (AVX-512 F, BW and VNNI) is there.
 pub fn avx512_vnni() -> bool {
@@ -11,4 +12,24 @@ pub fn avx512_vnni() -> bool {
     {
         false
     }
+}
+
+/// Dot product in 16 independent lanes summed as a tree, so that it
+/// vectorises and its reduction is a few shuffles rather than 15 dependent
+/// adds (a single accumulator would pin the order and stay scalar).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    for w in [8, 4, 2, 1] {
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+    }
+    acc[0] + tail
 }

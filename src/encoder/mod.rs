@@ -131,6 +131,4 @@ impl TextEncoder {
 }
 
 /// Cosine of two L2-normalised vectors.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
+pub use crate::cpu::dot;

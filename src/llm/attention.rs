@@ -46,7 +46,7 @@ pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let vals = &vd[vl.start_offset() + kvh * vl.stride()[0]..][..visible * hd];
         let qh = &qv[(h * t + r) * hd..][..hd];
         p.clear();
-        p.extend(keys.chunks_exact(hd).map(|kr| dot(qh, kr) / scale));
+        p.extend(keys.chunks_exact(hd).map(|kr| crate::cpu::dot(qh, kr) / scale));
         let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let sum = exp_shifted(p, max);
         for (w, vr) in p.iter().zip(vals.chunks_exact(hd)) {
@@ -59,26 +59,6 @@ pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     });
     drop((ks, vs));
     Tensor::from_vec(out, (t, heads * hd), q.device())
-}
-
-/// Dot product in 16 independent lanes summed as a tree, so that it
-/// vectorises and its reduction is a few shuffles rather than 15 dependent
-/// adds (a single accumulator would pin the order and stay scalar).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    for w in [8, 4, 2, 1] {
-        for i in 0..w {
-            acc[i] += acc[i + w];
-        }
-    }
-    acc[0] + tail
 }
 
 /// `x[i] = exp(x[i] - max)` in place; returns the sum (in 16 lanes, then a
