@@ -7,6 +7,7 @@
 //! send windows), `server` (gRPC adapters, admission, health; the one place errors become
 //! `tonic::Status`).
 
+pub mod attend;
 pub mod cli;
 pub mod config;
 pub mod cpu;

@@ -4,7 +4,8 @@
 //! through scalar `libm::erff` on one thread. Here the tokens of all sequences
 //! are packed into one `(tokens, hidden)` matrix, so the dense layers (about
 //! 90% of the work) never compute padding; attention, which needs each
-//! sequence on its own, runs on groups of equal-length sequences, unpadded.
+//! sequence on its own, reads each message's rows from the packed matrix on
+//! the CPU and runs on groups of equal-length sequences elsewhere.
 //! Bias and GELU are one parallel pass with a rational erf that vectorises.
 //! Weights and results are those of `BertModel` (tested to cosine > 0.9999).
 
@@ -57,10 +58,10 @@ impl Dense {
 struct Layer {
     qkv: Dense,
     out: Dense,
-    ln_attn: LayerNorm,
+    ln_attn: AddNorm,
     up: Dense,
     down: Dense,
-    ln_out: LayerNorm,
+    ln_out: AddNorm,
 }
 
 pub struct PackedBert {
@@ -96,10 +97,10 @@ impl PackedBert {
                 Ok(Layer {
                     qkv,
                     out: Dense::load(a.pp("output").pp("dense"), h, h, int8, false)?,
-                    ln_attn: ln(a.pp("output").pp("LayerNorm"))?,
+                    ln_attn: AddNorm::new(ln(a.pp("output").pp("LayerNorm"))?)?,
                     up: Dense::load(l.pp("intermediate").pp("dense"), h, cfg.intermediate_size, int8, true)?,
                     down: Dense::load(l.pp("output").pp("dense"), cfg.intermediate_size, h, int8, false)?,
-                    ln_out: ln(l.pp("output").pp("LayerNorm"))?,
+                    ln_out: AddNorm::new(ln(l.pp("output").pp("LayerNorm"))?)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -131,54 +132,23 @@ impl PackedBert {
         let x = self.word.index_select(&ids, 0)?.add(&self.position.index_select(&pos, 0)?)?.broadcast_add(&self.token_type.get(0)?)?;
         let mut x = self.ln_emb.forward(&x)?;
 
-        // Attention runs per group of sequences of equal length, without
-        // padding: a sequence then meets exactly the same kernels and shapes
-        // alone or in any batch, so its embedding is bitwise independent of
-        // the batch (int8 rounding would otherwise amplify last-bit noise).
-        let mut starts = Vec::with_capacity(n);
-        let mut acc = 0usize;
-        for &l in &lens {
-            starts.push(acc);
-            acc += l;
-        }
-        let mut by_len: std::collections::BTreeMap<usize, Vec<usize>> = std::collections::BTreeMap::new();
-        for (s, &l) in lens.iter().enumerate() {
-            by_len.entry(l).or_default().push(s);
-        }
-        let mut gather = Vec::with_capacity(total); // grouped order -> packed row
-        let groups: Vec<(usize, usize)> = by_len
-            .iter()
-            .map(|(&l, seqs)| {
-                for &s in seqs {
-                    gather.extend((starts[s]..starts[s] + l).map(|r| r as u32));
-                }
-                (seqs.len(), l)
-            })
-            .collect();
-        let mut scatter = vec![0u32; total]; // packed row -> grouped order
-        for (g, &r) in gather.iter().enumerate() {
-            scatter[r as usize] = g as u32;
-        }
-        let gather = Tensor::from_vec(gather, total, dev)?;
-        let scatter = Tensor::from_vec(scatter, total, dev)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        // On the CPU, attention reads each message's rows straight from the
+        // packed QKV matrix (`packed_attention`); elsewhere it runs on groups
+        // of equal-length sequences, unpadded. Either way a sequence meets the
+        // same kernels and shapes alone or in any batch, so its embedding is
+        // bitwise independent of the batch (int8 rounding would otherwise
+        // amplify last-bit noise).
+        let grouped = if dev.is_cpu() && x.dtype() == DType::F32 { None } else { Some(Groups::new(&lens, dev)?) };
 
         for layer in &self.layers {
-            let qkv = layer.qkv.forward(&x, false)?.index_select(&gather, 0)?; // (total, 3h), grouped
-            let mut parts = Vec::with_capacity(groups.len());
-            let mut row = 0usize;
-            for &(count, len) in &groups {
-                let g = qkv.narrow(0, row, count * len)?.reshape((count, len, 3, self.heads, self.head_dim))?;
-                let g = g.permute((2, 0, 3, 1, 4))?; // (3, count, heads, len, dim)
-                let (q, k, v) = (g.get(0)?.contiguous()?, g.get(1)?.contiguous()?, g.get(2)?.contiguous()?);
-                let probs = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
-                parts.push(probs.matmul(&v)?.transpose(1, 2)?.reshape((count * len, self.hidden))?);
-                row += count * len;
-            }
-            let ctx = Tensor::cat(&parts, 0)?.index_select(&scatter, 0)?; // back to packed order
-            x = layer.ln_attn.forward(&layer.out.forward(&ctx, false)?.add(&x)?)?;
+            let qkv = layer.qkv.forward(&x, false)?; // (total, 3h), packed
+            let ctx = match &grouped {
+                None => packed_attention(&qkv, &lens, self.heads, self.head_dim)?,
+                Some(g) => g.attention(&qkv, self.heads, self.head_dim)?,
+            };
+            x = layer.ln_attn.forward(&layer.out.forward(&ctx, false)?, &x)?;
             let up = layer.up.forward(&x, true)?;
-            x = layer.ln_out.forward(&layer.down.forward(&up, false)?.add(&x)?)?;
+            x = layer.ln_out.forward(&layer.down.forward(&up, false)?, &x)?;
         }
 
         // Mean over each sequence's own rows, then unit length.
@@ -197,6 +167,160 @@ impl PackedBert {
             start += l;
         }
         Ok(out)
+    }
+}
+
+/// `LayerNorm(x + residual)`. On the CPU in f32 this is one parallel pass
+/// over the rows; candle's add and layer norm took two, the add on one thread,
+/// and were an eighth of the forward pass.
+struct AddNorm {
+    ln: LayerNorm,
+    /// Weight and bias on the host, for the fused pass.
+    host: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl AddNorm {
+    fn new(ln: LayerNorm) -> Result<Self> {
+        let w = ln.weight();
+        let host = match ln.bias() {
+            Some(b) if w.device().is_cpu() && w.dtype() == DType::F32 && ln.remove_mean() => {
+                Some((w.to_vec1::<f32>()?, b.to_vec1::<f32>()?))
+            }
+            _ => None,
+        };
+        Ok(Self { ln, host })
+    }
+
+    fn forward(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let Some((w, b)) = &self.host else { return self.ln.forward(&x.add(residual)?) };
+        let h = w.len();
+        let (x, residual) = (x.contiguous()?, residual.contiguous()?);
+        let (xs, xl) = x.storage_and_layout();
+        let (rs, rl) = residual.storage_and_layout();
+        let (candle_core::Storage::Cpu(xc), candle_core::Storage::Cpu(rc)) = (&*xs, &*rs) else {
+            candle_core::bail!("add-norm: host weights with a non-CPU input")
+        };
+        let n = x.elem_count();
+        if residual.elem_count() != n || n % h != 0 {
+            candle_core::bail!("add-norm: {n} and {} values for rows of {h}", residual.elem_count());
+        }
+        let xd = &xc.as_slice::<f32>()?[xl.start_offset()..][..n];
+        let rd = &rc.as_slice::<f32>()?[rl.start_offset()..][..n];
+        let eps = self.ln.eps() as f32;
+        let mut out = vec![0f32; n];
+        out.par_chunks_mut(h).zip(xd.par_chunks(h).zip(rd.par_chunks(h))).with_min_len(8).for_each(|(o, (a, r))| {
+            o.iter_mut().zip(a.iter().zip(r)).for_each(|(o, (a, r))| *o = a + r);
+            let mean = lane_sum(o) / h as f32;
+            o.iter_mut().for_each(|v| *v -= mean);
+            let inv = 1.0 / (crate::cpu::dot(o, o) / h as f32 + eps).sqrt();
+            o.iter_mut().zip(w.iter().zip(b)).for_each(|(o, (w, b))| *o = *o * inv * w + b);
+        });
+        drop((xs, rs));
+        Tensor::from_vec(out, x.shape(), x.device())
+    }
+}
+
+/// Sum in 16 lanes, then across them: vectorises where one running sum would not.
+fn lane_sum(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = v.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for l in 0..16 {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Self-attention of every message over its own tokens, on the CPU: `qkv` is
+/// (tokens, 3 * hidden) with the messages' rows one after another. One task
+/// per (message, head), reading straight from the packed rows: no padding, no
+/// per-message tensors, no score matrix.
+fn packed_attention(qkv: &Tensor, lens: &[usize], heads: usize, hd: usize) -> Result<Tensor> {
+    let hidden = heads * hd;
+    let (total, width) = qkv.dims2()?;
+    if width != 3 * hidden || total != lens.iter().sum::<usize>() {
+        candle_core::bail!("packed attention: qkv {total}x{width} for {heads} heads of {hd} over {} tokens", lens.iter().sum::<usize>());
+    }
+    let qkv = qkv.contiguous()?;
+    let (storage, layout) = qkv.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("packed attention on a non-CPU tensor") };
+    let data = &cpu.as_slice::<f32>()?[layout.start_offset()..][..total * width];
+    let starts: Vec<usize> = lens.iter().scan(0usize, |acc, &l| Some(std::mem::replace(acc, *acc + l))).collect();
+    let scale = 1.0 / (hd as f32).sqrt();
+    let blocks: Vec<Vec<f32>> = (0..lens.len() * heads)
+        .into_par_iter()
+        .map(|t| {
+            let (m, h) = (t / heads, t % heads);
+            let rows = &data[starts[m] * width..][..lens[m] * width];
+            crate::attend::message_head(rows, width, lens[m], h * hd, hidden + h * hd, 2 * hidden + h * hd, hd, scale)
+        })
+        .collect();
+    drop(storage);
+    let mut out = vec![0f32; total * hidden];
+    for (t, block) in blocks.iter().enumerate() {
+        let (m, h) = (t / heads, t % heads);
+        for (i, r) in block.chunks_exact(hd).enumerate() {
+            out[(starts[m] + i) * hidden + h * hd..][..hd].copy_from_slice(r);
+        }
+    }
+    Tensor::from_vec(out, (total, hidden), qkv.device())
+}
+
+/// Sequences grouped by length, for attention as batched tensor ops (GPU).
+struct Groups {
+    /// (sequences, length) of each group, in grouped order.
+    sizes: Vec<(usize, usize)>,
+    /// Grouped order -> packed row, and back.
+    gather: Tensor,
+    scatter: Tensor,
+}
+
+impl Groups {
+    fn new(lens: &[usize], dev: &Device) -> Result<Self> {
+        let total: usize = lens.iter().sum();
+        let mut starts = Vec::with_capacity(lens.len());
+        let mut acc = 0usize;
+        for &l in lens {
+            starts.push(acc);
+            acc += l;
+        }
+        let mut by_len: std::collections::BTreeMap<usize, Vec<usize>> = std::collections::BTreeMap::new();
+        for (s, &l) in lens.iter().enumerate() {
+            by_len.entry(l).or_default().push(s);
+        }
+        let mut gather = Vec::with_capacity(total);
+        let sizes = by_len
+            .iter()
+            .map(|(&l, seqs)| {
+                for &s in seqs {
+                    gather.extend((starts[s]..starts[s] + l).map(|r| r as u32));
+                }
+                (seqs.len(), l)
+            })
+            .collect();
+        let mut scatter = vec![0u32; total];
+        for (g, &r) in gather.iter().enumerate() {
+            scatter[r as usize] = g as u32;
+        }
+        Ok(Self { sizes, gather: Tensor::from_vec(gather, total, dev)?, scatter: Tensor::from_vec(scatter, total, dev)? })
+    }
+
+    fn attention(&self, qkv: &Tensor, heads: usize, hd: usize) -> Result<Tensor> {
+        let qkv = qkv.index_select(&self.gather, 0)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut parts = Vec::with_capacity(self.sizes.len());
+        let mut row = 0usize;
+        for &(count, len) in &self.sizes {
+            let g = qkv.narrow(0, row, count * len)?.reshape((count, len, 3, heads, hd))?;
+            let g = g.permute((2, 0, 3, 1, 4))?; // (3, count, heads, len, dim)
+            let (q, k, v) = (g.get(0)?.contiguous()?, g.get(1)?.contiguous()?, g.get(2)?.contiguous()?);
+            let probs = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
+            parts.push(probs.matmul(&v)?.transpose(1, 2)?.reshape((count * len, heads * hd))?);
+            row += count * len;
+        }
+        Tensor::cat(&parts, 0)?.index_select(&self.scatter, 0)
     }
 }
 
@@ -280,6 +404,40 @@ mod tests {
 
     fn libm_erf(x: f32) -> f32 {
         libm::erff(x)
+    }
+
+    /// The CPU path (rows read from the packed matrix) against the tensor
+    /// path (groups of equal lengths), on messages of odd and repeated lengths.
+    #[test]
+    fn packed_attention_equals_grouped_tensor_attention() {
+        let dev = Device::Cpu;
+        let (heads, hd) = (4, 8);
+        let lens = [3usize, 7, 1, 7, 12];
+        let total: usize = lens.iter().sum();
+        let qkv = Tensor::randn(0f32, 1.0, (total, 3 * heads * hd), &dev).unwrap();
+        let ours: Vec<f32> = packed_attention(&qkv, &lens, heads, hd).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let want: Vec<f32> =
+            Groups::new(&lens, &dev).unwrap().attention(&qkv, heads, hd).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let worst = ours.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-5, "max difference {worst}");
+        assert!(packed_attention(&qkv, &lens[1..], heads, hd).is_err(), "rows and lengths disagree");
+    }
+
+    #[test]
+    fn fused_add_norm_matches_candle() {
+        let dev = Device::Cpu;
+        let h = 40; // not a multiple of 16: the tails count too
+        let w = Tensor::randn(1f32, 0.2, h, &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.2, h, &dev).unwrap();
+        let ln = LayerNorm::new(w, b, 1e-12);
+        let fused = AddNorm::new(ln.clone()).unwrap();
+        assert!(fused.host.is_some());
+        let x = Tensor::randn(0.5f32, 2.0, (37, h), &dev).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (37, h), &dev).unwrap();
+        let ours: Vec<f32> = fused.forward(&x, &r).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let want: Vec<f32> = ln.forward(&x.add(&r).unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let worst = ours.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-5, "max difference {worst}");
     }
 
     #[test]

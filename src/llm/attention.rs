@@ -34,7 +34,7 @@ pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     }
     let group = heads / kv_heads;
     let past = len - t;
-    let scale = (hd as f32).sqrt();
+    let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0f32; t * heads * hd];
     // Chunk r*heads + h: token r, head h. Later tokens see more keys; rayon's
     // work stealing evens that out.
@@ -45,92 +45,16 @@ pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let keys = &kd[kl.start_offset() + kvh * kl.stride()[0]..][..visible * hd];
         let vals = &vd[vl.start_offset() + kvh * vl.stride()[0]..][..visible * hd];
         let qh = &qv[(h * t + r) * hd..][..hd];
-        p.clear();
-        p.extend(keys.chunks_exact(hd).map(|kr| crate::cpu::dot(qh, kr) / scale));
-        let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum = exp_shifted(p, max);
-        for (w, vr) in p.iter().zip(vals.chunks_exact(hd)) {
-            for (a, b) in o.iter_mut().zip(vr) {
-                *a += w * b;
-            }
-        }
-        let inv = 1.0 / sum;
-        o.iter_mut().for_each(|a| *a *= inv);
+        crate::attend::one_query(qh, keys, vals, hd, visible, scale, p, o);
     });
     drop((ks, vs));
     Tensor::from_vec(out, (t, heads * hd), q.device())
-}
-
-/// `x[i] = exp(x[i] - max)` in place; returns the sum (in 16 lanes, then a
-/// tree). libm's scalar `expf` was a third of the cost of attending over
-/// 1,024 tokens; this polynomial form vectorises. Relative error below 5e-7
-/// for the arguments softmax gives it (at most 0).
-fn exp_shifted(x: &mut [f32], max: f32) -> f32 {
-    let mut acc = [0f32; 16];
-    let mut chunks = x.chunks_exact_mut(16);
-    for c in &mut chunks {
-        for i in 0..16 {
-            c[i] = exp(c[i] - max);
-            acc[i] += c[i];
-        }
-    }
-    let mut tail = 0f32;
-    for v in chunks.into_remainder() {
-        *v = exp(*v - max);
-        tail += *v;
-    }
-    for w in [8, 4, 2, 1] {
-        for i in 0..w {
-            acc[i] += acc[i + w];
-        }
-    }
-    acc[0] + tail
-}
-
-/// e^x for x <= 0 as 2^n * e^r, n = round(x log2 e), r = x - n ln 2 (ln 2
-/// split in two so that r keeps its precision), e^r by its Taylor series to
-/// degree 6; below -87 (under f32's normal range, nothing a softmax weight
-/// can use) it gives 0.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    let xc = x.max(-87.0);
-    let n = (xc * std::f32::consts::LOG2_E).round_ties_even();
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, xc));
-    let p = (1.0f32 / 720.0).mul_add(r, 1.0 / 120.0);
-    let p = p.mul_add(r, 1.0 / 24.0);
-    let p = p.mul_add(r, 1.0 / 6.0);
-    let p = p.mul_add(r, 0.5);
-    let p = p.mul_add(r, 1.0);
-    let p = p.mul_add(r, 1.0);
-    let y = p * f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if x < -87.0 {
-        0.0
-    } else {
-        y
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
-
-    #[test]
-    fn polynomial_exp_is_within_a_few_ulp_of_libm() {
-        let mut worst = 0f32;
-        for i in 0..=200_000 {
-            let x = -100.0 * i as f32 / 200_000.0;
-            let (ours, want) = (exp(x), x.exp());
-            if x >= -87.0 {
-                worst = worst.max(((ours - want) / want).abs());
-            } else {
-                assert_eq!(ours, 0.0, "e^{x}");
-            }
-        }
-        assert!(worst < 5e-7, "worst relative error {worst}");
-    }
 
     /// Against plain tensor ops with an explicit causal mask, on views of a
     /// cache with spare capacity: odd lengths and head sizes, grouped and
