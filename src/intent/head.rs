@@ -389,6 +389,22 @@ mod tests {
         assert!(!head.predict(&x[0]).out_of_scope);
     }
 
+    /// A head stored before the closeness weight was a field reads back with
+    /// the weight its threshold was placed with.
+    #[test]
+    fn heads_stored_without_the_closeness_weight_keep_the_old_one() {
+        let (x, y) = blobs(3, 12, 8, 0.2);
+        let head = Head::train(&x, &y, vec!["a".into(), "b".into(), "c".into()], false, TrainOptions::default());
+        assert_eq!(head.knn_weight, KNN_WEIGHT);
+        let mut json = serde_json::to_value(&head).unwrap();
+        json.as_object_mut().unwrap().remove("knn_weight");
+        let old: Head = serde_json::from_value(json).unwrap();
+        assert_eq!(old.knn_weight, legacy_knn_weight());
+        assert_ne!(old.knn_weight, head.knn_weight);
+        let (p_new, p_old) = (head.predict(&x[0]), old.predict(&x[0]));
+        assert_eq!(p_new.ranked[0].0, p_old.ranked[0].0, "the weight moves only the out-of-scope score");
+    }
+
     #[test]
     fn temperature_softens_overconfident_scores() {
         // Labels that the scores get right only half the time need a high temperature.
