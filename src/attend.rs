@@ -1,25 +1,85 @@
-//! Softmax attention on the CPU: one query over its keys (the decoder's
-//! causal attention, streamed from its KV cache) and all the queries of one
-//! short message and head (the encoder's).
+//! Softmax attention on the CPU: the query heads that share a KV head over
+//! their keys (the decoder's causal attention, streamed from its KV cache)
+//! and all the queries of one short message and head (the encoder's).
 
-/// `out = softmax(scale * q . K) V` for one query over `n` keys; key and
-/// value row `j` start at `j * stride` of `keys` and `vals` (rows of a packed
-/// QKV matrix or of a cache). `out` starts zeroed; `p` is scratch.
+/// `out_g = softmax(scale * q_g . K) V` for the query heads `qs` that share
+/// one KV head, over `n` keys; key and value row `j` start at `j * stride` of
+/// `keys` and `vals`. `out` holds the heads' results one after another (`d`
+/// each, overwritten); `p` is scratch.
+///
+/// Every key and value row is read once for the whole group rather than once
+/// per head (7x less cache traffic for Qwen2.5-0.5B's 14 query heads over 2 KV
+/// heads), and the weighted sum of values holds 4 heads x 16 columns in
+/// registers, four independent chains rather than one through memory.
 #[allow(clippy::too_many_arguments)]
-#[inline]
-pub fn one_query(q: &[f32], keys: &[f32], vals: &[f32], stride: usize, n: usize, scale: f32, p: &mut Vec<f32>, out: &mut [f32]) {
-    let d = q.len();
+pub fn query_group(qs: &[&[f32]], keys: &[f32], vals: &[f32], stride: usize, n: usize, scale: f32, p: &mut Vec<f32>, out: &mut [f32]) {
+    let (g, d) = (qs.len(), out.len() / qs.len().max(1));
     p.clear();
-    p.extend((0..n).map(|j| crate::cpu::dot(q, &keys[j * stride..j * stride + d]) * scale));
-    let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum = exp_shifted(p, max);
-    for (j, w) in p.iter().enumerate() {
-        for (a, b) in out.iter_mut().zip(&vals[j * stride..j * stride + d]) {
-            *a += w * b;
+    p.resize(g * n, 0.0);
+    let full = d - d % LANES;
+    for h0 in (0..g).step_by(QUERIES) {
+        let here = (g - h0).min(QUERIES);
+        let q: [&[f32]; QUERIES] = std::array::from_fn(|r| qs[h0 + if r < here { r } else { 0 }]);
+        for j in 0..n {
+            let kj = &keys[j * stride..j * stride + d];
+            let (mut a0, mut a1, mut a2, mut a3) = ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
+            for c in (0..full).step_by(LANES) {
+                let kc: &[f32; LANES] = kj[c..c + LANES].try_into().expect("16 lanes");
+                let (q0, q1, q2, q3): (&[f32; LANES], &[f32; LANES], &[f32; LANES], &[f32; LANES]) = (
+                    q[0][c..c + LANES].try_into().expect("16 lanes"),
+                    q[1][c..c + LANES].try_into().expect("16 lanes"),
+                    q[2][c..c + LANES].try_into().expect("16 lanes"),
+                    q[3][c..c + LANES].try_into().expect("16 lanes"),
+                );
+                for l in 0..LANES {
+                    a0[l] += q0[l] * kc[l];
+                    a1[l] += q1[l] * kc[l];
+                    a2[l] += q2[l] * kc[l];
+                    a3[l] += q3[l] * kc[l];
+                }
+            }
+            for (r, a) in [a0, a1, a2, a3].iter().enumerate().take(here) {
+                let tail: f32 = q[r][full..].iter().zip(&kj[full..]).map(|(x, y)| x * y).sum();
+                p[(h0 + r) * n + j] = (crate::cpu::lane_tree_sum(a) + tail) * scale;
+            }
         }
     }
-    let inv = 1.0 / sum;
-    out.iter_mut().for_each(|a| *a *= inv);
+    let mut inv = vec![0f32; g];
+    for (h, ph) in p.chunks_exact_mut(n).enumerate() {
+        let max = ph.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        inv[h] = 1.0 / exp_shifted(ph, max);
+    }
+    for h0 in (0..g).step_by(QUERIES) {
+        let here = (g - h0).min(QUERIES);
+        // Past the last head the first of the block is repeated, its result dropped.
+        let w: [&[f32]; QUERIES] = std::array::from_fn(|r| &p[(h0 + if r < here { r } else { 0 }) * n..][..n]);
+        for cb in (0..full).step_by(LANES) {
+            let (mut a0, mut a1, mut a2, mut a3) = ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
+            for j in 0..n {
+                let vj: &[f32; LANES] = vals[j * stride + cb..][..LANES].try_into().expect("16 lanes");
+                let (w0, w1, w2, w3) = (w[0][j], w[1][j], w[2][j], w[3][j]);
+                for l in 0..LANES {
+                    a0[l] += w0 * vj[l];
+                    a1[l] += w1 * vj[l];
+                    a2[l] += w2 * vj[l];
+                    a3[l] += w3 * vj[l];
+                }
+            }
+            for (r, a) in [a0, a1, a2, a3].iter().enumerate().take(here) {
+                for (o, x) in out[(h0 + r) * d + cb..][..LANES].iter_mut().zip(a) {
+                    *o = x * inv[h0 + r];
+                }
+            }
+        }
+        for r in 0..here {
+            let o = &mut out[(h0 + r) * d + full..(h0 + r + 1) * d];
+            o.fill(0.0);
+            for (j, &wj) in w[r].iter().enumerate() {
+                let wj = wj * inv[h0 + r];
+                o.iter_mut().zip(&vals[j * stride + full..j * stride + d]).for_each(|(a, &b)| *a += wj * b);
+            }
+        }
+    }
 }
 
 /// Self-attention of one message and one head: `rows` holds the message's
@@ -132,12 +192,7 @@ fn exp_shifted(x: &mut [f32], max: f32) -> f32 {
         *v = exp(*v - max);
         tail += *v;
     }
-    for w in [8, 4, 2, 1] {
-        for i in 0..w {
-            acc[i] += acc[i + w];
-        }
-    }
-    acc[0] + tail
+    crate::cpu::lane_tree_sum(&acc) + tail
 }
 
 /// e^x for x <= 0 as 2^n * e^r, n = round(x log2 e), r = x - n ln 2 (ln 2

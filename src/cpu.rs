@@ -17,6 +17,7 @@ pub fn avx512_vnni() -> bool {
 /// Dot product in 16 independent lanes summed as a tree, so that it
 /// vectorises and its reduction is a few shuffles rather than 15 dependent
 /// adds (a single accumulator would pin the order and stay scalar).
+#[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
@@ -26,10 +27,14 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[i] += x[i] * y[i];
         }
     }
-    for w in [8, 4, 2, 1] {
-        for i in 0..w {
-            acc[i] += acc[i + w];
-        }
-    }
-    acc[0] + tail
+    lane_tree_sum(&acc) + tail
+}
+
+/// The 16 lanes of an accumulator added as a tree of halves. Spelled out level
+/// by level: written as a loop over the widths it compiled to scalar stores.
+#[inline(always)]
+pub fn lane_tree_sum(acc: &[f32; 16]) -> f32 {
+    let h8: [f32; 8] = std::array::from_fn(|i| acc[i] + acc[i + 8]);
+    let h4: [f32; 4] = std::array::from_fn(|i| h8[i] + h8[i + 4]);
+    (h4[0] + h4[2]) + (h4[1] + h4[3])
 }

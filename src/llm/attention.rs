@@ -1,7 +1,7 @@
 //! Causal attention on the CPU, streamed from the KV cache in place.
 //!
-//! One task per (new token, query head): scores against every visible key,
-//! softmax, weighted sum of values. Nothing of size tokens x keys is ever
+//! One task per (new token, KV head): the query heads sharing that KV head
+//! score every visible key, softmax, weighted sum of values. Nothing of size tokens x keys is ever
 //! materialised (a 1,024-token prompt's masked score matrix is 59 MB per layer
 //! for the 0.5B model, and writing, masking and re-reading it made a
 //! 1,024-token prompt cost 4x a 512-token one), and masked keys are skipped
@@ -36,16 +36,16 @@ pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let past = len - t;
     let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0f32; t * heads * hd];
-    // Chunk r*heads + h: token r, head h. Later tokens see more keys; rayon's
-    // work stealing evens that out.
-    out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |p: &mut Vec<f32>, (task, o)| {
-        let (r, h) = (task / heads, task % heads);
+    // Chunk r*kv_heads + kvh: token r, the query heads of KV head kvh, which
+    // read its keys and values once together. Later tokens see more keys;
+    // rayon's work stealing evens that out.
+    out.par_chunks_mut(group * hd).enumerate().for_each_init(Vec::new, |p: &mut Vec<f32>, (task, o)| {
+        let (r, kvh) = (task / kv_heads, task % kv_heads);
         let visible = past + r + 1;
-        let kvh = h / group;
         let keys = &kd[kl.start_offset() + kvh * kl.stride()[0]..][..visible * hd];
         let vals = &vd[vl.start_offset() + kvh * vl.stride()[0]..][..visible * hd];
-        let qh = &qv[(h * t + r) * hd..][..hd];
-        crate::attend::one_query(qh, keys, vals, hd, visible, scale, p, o);
+        let qs: Vec<&[f32]> = (kvh * group..(kvh + 1) * group).map(|h| &qv[(h * t + r) * hd..][..hd]).collect();
+        crate::attend::query_group(&qs, keys, vals, hd, visible, scale, p, o);
     });
     drop((ks, vs));
     Tensor::from_vec(out, (t, heads * hd), q.device())
