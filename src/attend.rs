@@ -53,32 +53,7 @@ pub fn query_group(qs: &[&[f32]], keys: &[f32], vals: &[f32], stride: usize, n: 
         let here = (g - h0).min(QUERIES);
         // Past the last head the first of the block is repeated, its result dropped.
         let w: [&[f32]; QUERIES] = std::array::from_fn(|r| &p[(h0 + if r < here { r } else { 0 }) * n..][..n]);
-        for cb in (0..full).step_by(LANES) {
-            let (mut a0, mut a1, mut a2, mut a3) = ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
-            for j in 0..n {
-                let vj: &[f32; LANES] = vals[j * stride + cb..][..LANES].try_into().expect("16 lanes");
-                let (w0, w1, w2, w3) = (w[0][j], w[1][j], w[2][j], w[3][j]);
-                for l in 0..LANES {
-                    a0[l] += w0 * vj[l];
-                    a1[l] += w1 * vj[l];
-                    a2[l] += w2 * vj[l];
-                    a3[l] += w3 * vj[l];
-                }
-            }
-            for (r, a) in [a0, a1, a2, a3].iter().enumerate().take(here) {
-                for (o, x) in out[(h0 + r) * d + cb..][..LANES].iter_mut().zip(a) {
-                    *o = x * inv[h0 + r];
-                }
-            }
-        }
-        for r in 0..here {
-            let o = &mut out[(h0 + r) * d + full..(h0 + r + 1) * d];
-            o.fill(0.0);
-            for (j, &wj) in w[r].iter().enumerate() {
-                let wj = wj * inv[h0 + r];
-                o.iter_mut().zip(&vals[j * stride + full..j * stride + d]).for_each(|(a, &b)| *a += wj * b);
-            }
-        }
+        weighted_values(w, &inv[h0..], here, vals, stride, d, &mut out[h0 * d..]);
     }
 }
 
@@ -103,7 +78,6 @@ pub fn message_head(rows: &[f32], width: usize, len: usize, q: usize, k: usize, 
     }
     let mut out = vec![0f32; len * d];
     let mut s = vec![0f32; QUERIES * lp];
-    let full = d - d % LANES;
     for i0 in (0..len).step_by(QUERIES) {
         let here = (len - i0).min(QUERIES);
         // Past the last query the first is repeated, and its result dropped.
@@ -138,34 +112,46 @@ pub fn message_head(rows: &[f32], width: usize, len: usize, q: usize, k: usize, 
             let max = top.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             inv[r] = 1.0 / exp_shifted(sr, max);
         }
-        let (s0, s1, s2, s3) = (&s[..len], &s[lp..lp + len], &s[2 * lp..2 * lp + len], &s[3 * lp..3 * lp + len]);
-        for cb in (0..full).step_by(LANES) {
-            let (mut a0, mut a1, mut a2, mut a3) = ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
-            for j in 0..len {
-                let vj: &[f32; LANES] = rows[j * width + v + cb..][..LANES].try_into().expect("16 lanes");
-                let (w0, w1, w2, w3) = (s0[j], s1[j], s2[j], s3[j]);
-                for l in 0..LANES {
-                    a0[l] += w0 * vj[l];
-                    a1[l] += w1 * vj[l];
-                    a2[l] += w2 * vj[l];
-                    a3[l] += w3 * vj[l];
-                }
-            }
-            for (r, a) in [a0, a1, a2, a3].iter().enumerate().take(here) {
-                for (o, x) in out[(i0 + r) * d + cb..][..LANES].iter_mut().zip(a) {
-                    *o = x * inv[r];
-                }
+        let w: [&[f32]; QUERIES] = std::array::from_fn(|r| &s[r * lp..r * lp + len]);
+        weighted_values(w, &inv, here, &rows[v..], width, d, &mut out[i0 * d..]);
+    }
+    out
+}
+
+/// `out_r = inv[r] * sum_j w[r][j] * V_j` for the first `here` of 4 rows of
+/// weights, value row `j` at `vals[j * stride..]`, result `r` at
+/// `out[r * d..]` (`d` = its width, overwritten). 4 rows x 16 columns are held
+/// in registers across the keys: four independent chains rather than one
+/// through memory.
+fn weighted_values(w: [&[f32]; QUERIES], inv: &[f32], here: usize, vals: &[f32], stride: usize, d: usize, out: &mut [f32]) {
+    let n = w[0].len();
+    let full = d - d % LANES;
+    for cb in (0..full).step_by(LANES) {
+        let (mut a0, mut a1, mut a2, mut a3) = ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
+        for j in 0..n {
+            let vj: &[f32; LANES] = vals[j * stride + cb..][..LANES].try_into().expect("16 lanes");
+            let (w0, w1, w2, w3) = (w[0][j], w[1][j], w[2][j], w[3][j]);
+            for l in 0..LANES {
+                a0[l] += w0 * vj[l];
+                a1[l] += w1 * vj[l];
+                a2[l] += w2 * vj[l];
+                a3[l] += w3 * vj[l];
             }
         }
-        for r in 0..here {
-            let o = &mut out[(i0 + r) * d + full..(i0 + r + 1) * d];
-            for j in 0..len {
-                let w = s[r * lp + j] * inv[r];
-                o.iter_mut().zip(&rows[j * width + v + full..j * width + v + d]).for_each(|(a, &b)| *a += w * b);
+        for (r, a) in [a0, a1, a2, a3].iter().enumerate().take(here) {
+            for (o, x) in out[r * d + cb..][..LANES].iter_mut().zip(a) {
+                *o = x * inv[r];
             }
         }
     }
-    out
+    for r in 0..here {
+        let o = &mut out[r * d + full..(r + 1) * d];
+        o.fill(0.0);
+        for (j, &wj) in w[r].iter().enumerate() {
+            let wj = wj * inv[r];
+            o.iter_mut().zip(&vals[j * stride + full..j * stride + d]).for_each(|(a, &b)| *a += wj * b);
+        }
+    }
 }
 
 /// Queries attended together in `message_head`.
