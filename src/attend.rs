@@ -46,8 +46,7 @@ pub fn query_group(qs: &[&[f32]], keys: &[f32], vals: &[f32], stride: usize, n: 
     }
     let mut inv = vec![0f32; g];
     for (h, ph) in p.chunks_exact_mut(n).enumerate() {
-        let max = ph.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        inv[h] = 1.0 / exp_shifted(ph, max);
+        inv[h] = 1.0 / exp_shifted(ph, lane_max(ph));
     }
     for h0 in (0..g).step_by(QUERIES) {
         let here = (g - h0).min(QUERIES);
@@ -103,14 +102,7 @@ pub fn message_head(rows: &[f32], width: usize, len: usize, q: usize, k: usize, 
         let mut inv = [0f32; QUERIES];
         for (r, sr) in s.chunks_exact_mut(lp).enumerate() {
             sr[len..].fill(f32::NEG_INFINITY);
-            let mut top = [f32::NEG_INFINITY; LANES];
-            for sb in sr.chunks_exact(LANES) {
-                for l in 0..LANES {
-                    top[l] = if sb[l] > top[l] { sb[l] } else { top[l] };
-                }
-            }
-            let max = top.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            inv[r] = 1.0 / exp_shifted(sr, max);
+            inv[r] = 1.0 / exp_shifted(sr, lane_max(sr));
         }
         let w: [&[f32]; QUERIES] = std::array::from_fn(|r| &s[r * lp..r * lp + len]);
         weighted_values(w, &inv, here, &rows[v..], width, d, &mut out[i0 * d..]);
@@ -159,6 +151,19 @@ const QUERIES: usize = 4;
 
 /// Lanes of the blocked loops: one 512-bit vector of f32.
 const LANES: usize = 16;
+
+/// The largest of `x`, 16 lanes at a time (a running `f32::max` stays scalar).
+fn lane_max(x: &[f32]) -> f32 {
+    let mut top = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for c in chunks {
+        for l in 0..LANES {
+            top[l] = if c[l] > top[l] { c[l] } else { top[l] };
+        }
+    }
+    top.iter().copied().fold(tail, f32::max)
+}
 
 /// `x[i] = exp(x[i] - max)` in place; returns the sum (in 16 lanes, then a
 /// tree). libm's scalar `expf` was a third of the cost of attending over

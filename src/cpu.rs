@@ -1,6 +1,6 @@
 //! What the CPU can run, detected once at run time: the int8 kernels of the
-//! encoder and of the decoder need AVX-512 (F, BW) with VNNI. Also the one
-//! f32 dot product the crate's hand-written loops share.
+//! encoder and of the decoder need AVX-512 (F, BW) with VNNI. Also the f32
+//! dot product and sum the crate's hand-written loops share.
 
 /// Whether `vpdpbusd` on 512-bit registers (AVX-512 F, BW and VNNI) is there.
 pub fn avx512_vnni() -> bool {
@@ -25,6 +25,20 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     for (x, y) in ca.zip(cb) {
         for i in 0..16 {
             acc[i] += x[i] * y[i];
+        }
+    }
+    lane_tree_sum(&acc) + tail
+}
+
+/// Sum in 16 independent lanes summed as a tree, for the same reason as `dot`.
+#[inline]
+pub fn sum(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = v.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] += c[i];
         }
     }
     lane_tree_sum(&acc) + tail

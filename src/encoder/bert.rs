@@ -210,7 +210,7 @@ impl AddNorm {
         let mut out = vec![0f32; n];
         out.par_chunks_mut(h).zip(xd.par_chunks(h).zip(rd.par_chunks(h))).with_min_len(8).for_each(|(o, (a, r))| {
             o.iter_mut().zip(a.iter().zip(r)).for_each(|(o, (a, r))| *o = a + r);
-            let mean = lane_sum(o) / h as f32;
+            let mean = crate::cpu::sum(o) / h as f32;
             o.iter_mut().for_each(|v| *v -= mean);
             let inv = 1.0 / (crate::cpu::dot(o, o) / h as f32 + eps).sqrt();
             o.iter_mut().zip(w.iter().zip(b)).for_each(|(o, (w, b))| *o = *o * inv * w + b);
@@ -218,19 +218,6 @@ impl AddNorm {
         drop((xs, rs));
         Tensor::from_vec(out, x.shape(), x.device())
     }
-}
-
-/// Sum in 16 lanes, then across them: vectorises where one running sum would not.
-fn lane_sum(v: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let chunks = v.chunks_exact(16);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for l in 0..16 {
-            acc[l] += c[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Self-attention of every message over its own tokens, on the CPU: `qkv` is
@@ -247,7 +234,7 @@ fn packed_attention(qkv: &Tensor, lens: &[usize], heads: usize, hd: usize) -> Re
     let (storage, layout) = qkv.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("packed attention on a non-CPU tensor") };
     let data = &cpu.as_slice::<f32>()?[layout.start_offset()..][..total * width];
-    let starts: Vec<usize> = lens.iter().scan(0usize, |acc, &l| Some(std::mem::replace(acc, *acc + l))).collect();
+    let starts = first_rows(lens);
     let scale = 1.0 / (hd as f32).sqrt();
     let blocks: Vec<Vec<f32>> = (0..lens.len() * heads)
         .into_par_iter()
@@ -268,6 +255,11 @@ fn packed_attention(qkv: &Tensor, lens: &[usize], heads: usize, hd: usize) -> Re
     Tensor::from_vec(out, (total, hidden), qkv.device())
 }
 
+/// The packed row where each message starts.
+fn first_rows(lens: &[usize]) -> Vec<usize> {
+    lens.iter().scan(0usize, |acc, &l| Some(std::mem::replace(acc, *acc + l))).collect()
+}
+
 /// Sequences grouped by length, for attention as batched tensor ops (GPU).
 struct Groups {
     /// (sequences, length) of each group, in grouped order.
@@ -280,12 +272,7 @@ struct Groups {
 impl Groups {
     fn new(lens: &[usize], dev: &Device) -> Result<Self> {
         let total: usize = lens.iter().sum();
-        let mut starts = Vec::with_capacity(lens.len());
-        let mut acc = 0usize;
-        for &l in lens {
-            starts.push(acc);
-            acc += l;
-        }
+        let starts = first_rows(lens);
         let mut by_len: std::collections::BTreeMap<usize, Vec<usize>> = std::collections::BTreeMap::new();
         for (s, &l) in lens.iter().enumerate() {
             by_len.entry(l).or_default().push(s);

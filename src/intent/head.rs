@@ -5,8 +5,9 @@
 //! embeddings. The penalty is `|w|^2 / 2` against the summed (not averaged)
 //! loss, so it weakens as examples are added: a fixed per-example penalty of
 //! 1e-3 cost CLINC150 a point of top-1 with 100 examples per intent (94.8% ->
-//! 95.8%) and was no better with 5 or 10. On CLINC150 with 10 examples per intent it beat class
-//! prototypes by 3 points and ridge regression by 4 (BENCHMARKS.md).
+//! 95.8%) and was no better with 5 or 10. On CLINC150 with 10 examples per
+//! intent the logistic head beat class prototypes by 3 points and ridge
+//! regression by 4 (BENCHMARKS.md).
 //! Cross-validation on the examples themselves fits a softmax temperature (so
 //! a score of 0.8 is right about 80% of the time) and places the out-of-scope
 //! threshold: held-out examples show how confident the head is on messages

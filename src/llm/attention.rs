@@ -1,8 +1,8 @@
 //! Causal attention on the CPU, streamed from the KV cache in place.
 //!
 //! One task per (new token, KV head): the query heads sharing that KV head
-//! score every visible key, softmax, weighted sum of values. Nothing of size tokens x keys is ever
-//! materialised (a 1,024-token prompt's masked score matrix is 59 MB per layer
+//! score every visible key, softmax, weighted sum of values. Nothing of size
+//! tokens x keys is ever materialised (a 1,024-token prompt's masked score matrix is 59 MB per layer
 //! for the 0.5B model, and writing, masking and re-reading it made a
 //! 1,024-token prompt cost 4x a 512-token one), and masked keys are skipped
 //! rather than zeroed.
