@@ -1,7 +1,8 @@
 //! The decoder's matmul kernels on the shapes of Qwen2.5-0.5B and 1.5B layers:
 //! palaver's block int8 GEMM (AVX-512 VNNI) against the f32 GEMM candle runs on
 //! dequantized weights and against candle's own quantized matmul (Q8_0 and
-//! Q4_K, the 1.5B model's type), for a
+//! Q4_K, the 1.5B model's type) and palaver's exact Q4_K kernel against
+//! candle's, for a
 //! 512-row prompt chunk and for 1 and 8 decode rows. Criterion reports
 //! elements as multiply-adds x 2, so its "Gelem/s" reads as GFLOP/s (GOP/s
 //! for int8).
@@ -12,6 +13,7 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use palaver::llm::q4k::PackedQ4K;
 use palaver::llm::qgemm::PackedWeight;
 use std::hint::black_box;
 
@@ -39,7 +41,9 @@ fn bench(c: &mut Criterion) {
         let packed = PackedWeight::from_f32(&wd.flatten_all().unwrap().to_vec1::<f32>().unwrap(), n, k);
         let qmm = QMatMul::from_qtensor(q8).unwrap();
         // Q4_K needs inputs in multiples of 256.
-        let q4k = QTensor::quantize(&w, GgmlDType::Q4K).ok().map(|q| QMatMul::from_qtensor(q).unwrap());
+        let q4k_raw = QTensor::quantize(&w, GgmlDType::Q4K).ok();
+        let own_q4k = q4k_raw.as_ref().map(|q| PackedQ4K::new(q).unwrap());
+        let q4k = q4k_raw.map(|q| QMatMul::from_qtensor(q).unwrap());
         let wt = wd.t().unwrap();
         let mut g = c.benchmark_group(format!("matmul/{name}"));
         g.sample_size(10);
@@ -52,6 +56,9 @@ fn bench(c: &mut Criterion) {
             g.bench_function(format!("candle-q8_0/rows{m}"), |b| b.iter(|| black_box(qmm.forward(&x).unwrap())));
             if let Some(q4k) = &q4k {
                 g.bench_function(format!("candle-q4_k/rows{m}"), |b| b.iter(|| black_box(q4k.forward(&x).unwrap())));
+            }
+            if let Some(own) = &own_q4k {
+                g.bench_function(format!("q4_k/rows{m}"), |b| b.iter(|| black_box(own.matmul(&xv, m))));
             }
         }
         g.finish();

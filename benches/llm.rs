@@ -7,6 +7,7 @@
 //!   cargo bench --bench llm                       # both Qwen2.5 models
 //!   PALAVER_LLMS=qwen2.5-coder-0.5b-instruct RUNS=3 cargo bench --bench llm
 //!   STOCK=0 cargo bench --bench llm               # palaver only
+//!   DECODE_ONLY=200 cargo bench --bench llm       # decode steps only (profiling)
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
@@ -126,6 +127,17 @@ fn main() {
         let files = models::resolve_llm(name, &dir, &HubOptions::default()).expect("resolve");
         let llm = Llm::load(&files, &Device::Cpu, 0).unwrap();
         let tokens = llm.tokenizer().encode(text.as_str(), false).unwrap().get_ids()[..1100].to_vec();
+        if let Some(n) = std::env::var("DECODE_ONLY").ok().and_then(|s| s.parse::<usize>().ok()) {
+            // For profilers: n decode steps after a 16-token context, nothing else.
+            let mut e = Own { llm: &llm, cache: llm.transformer().new_cache() };
+            let mut logits = e.feed(&tokens[..16], 0);
+            let t = Instant::now();
+            for i in 0..n {
+                logits = e.feed(&[argmax(&logits).unwrap()], 16 + i);
+            }
+            println!("| {name} | palaver decode only | | | {:.1} | |", n as f64 / t.elapsed().as_secs_f64());
+            continue;
+        }
         let own = measure(&mut Own { llm: &llm, cache: llm.transformer().new_cache() }, &tokens, runs);
         let row = |engine: &str, s: &Speeds| {
             println!(

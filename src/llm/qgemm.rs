@@ -27,7 +27,7 @@ use rayon::prelude::*;
 /// Inputs per quantization block.
 pub const BLOCK: usize = 32;
 /// Output columns per tile: two vectors of 16 i32 lanes.
-const TILE: usize = 32;
+pub(super) const TILE: usize = 32;
 /// Input rows per micro-kernel call: 4 rows x 2 vectors = 8 integer and 8
 /// float accumulators, leaving registers for the weights and broadcasts.
 const ROWS: usize = 4;
@@ -57,13 +57,13 @@ pub struct QuantRows {
     offset: Vec<i32>,
 }
 
-fn amax(x: &[f32]) -> f32 {
+pub(super) fn amax(x: &[f32]) -> f32 {
     x.iter().fold(0f32, |m, v| m.max(v.abs()))
 }
 
 /// Symmetric int8 quantization of one block with scale `d` (the block's
 /// largest magnitude over 127, as GGML's Q8_0), ties to even.
-fn quantize_with(x: &[f32], d: f32, out: &mut [i8]) {
+pub(super) fn quantize_with(x: &[f32], d: f32, out: &mut [i8]) {
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
     for (o, v) in out.iter_mut().zip(x) {
         *o = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
@@ -106,31 +106,7 @@ impl PackedWeight {
 
     /// `x`: `m` rows of `k` f32; returns `m` rows of `n`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        assert_eq!(x.len(), m * self.k, "input of {} values is not {m} rows of {}", x.len(), self.k);
-        let mut y = vec![0f32; m * self.n];
-        if m == 0 {
-            return y;
-        }
-        let fast = crate::cpu::avx512_vnni();
-        // Tasks: chunks of rows x groups of tiles, enough of them to keep every
-        // core busy for a single decode row as well as for a 512-row prompt.
-        let tiles = self.n.div_ceil(TILE);
-        let chunks = m.div_ceil(ROW_CHUNK);
-        let split = (2 * rayon::current_num_threads()).div_ceil(chunks).clamp(1, tiles);
-        let per = tiles.div_ceil(split);
-        // Each chunk of rows is quantized once, whatever the tasks sharing it.
-        let quant: Vec<QuantRows> =
-            x.par_chunks(ROW_CHUNK * self.k).map(|c| QuantRows::new(c, c.len() / self.k, self.k)).collect();
-        let out = SyncPtr(y.as_mut_ptr());
-        (0..chunks * split).into_par_iter().for_each(|task| {
-            let (chunk, part) = (task / split, task % split);
-            let r0 = chunk * ROW_CHUNK;
-            for t in part * per..((part + 1) * per).min(tiles) {
-                // SAFETY: each task writes rows r0.. of columns of its own tiles.
-                unsafe { self.tile(&quant[chunk], t, out.get().add(r0 * self.n), fast) };
-            }
-        });
-        y
+        matmul_tiled(self, x, m)
     }
 
     /// One tile of 32 columns for all rows of `xq`, written into `out`
@@ -163,6 +139,67 @@ impl PackedWeight {
             r += rows;
         }
     }
+}
+
+/// A weight repacked in tiles of [`TILE`] output columns, multiplied by
+/// input rows quantized its own way. [`matmul_tiled`] spreads the tiles and
+/// row chunks over the cores the same way for every format.
+pub(super) trait Tiled: Sync {
+    type Rows: Send + Sync;
+    fn n(&self) -> usize;
+    fn k(&self) -> usize;
+    fn quantize(&self, x: &[f32], rows: usize) -> Self::Rows;
+    /// Tile `t` for every row of `xq`, written into `out` (row stride `n`).
+    ///
+    /// # Safety
+    /// `out` points at `rows(xq) x n` writable floats; callers sharing it
+    /// write disjoint tiles.
+    unsafe fn tile(&self, xq: &Self::Rows, t: usize, out: *mut f32, fast: bool);
+}
+
+impl Tiled for PackedWeight {
+    type Rows = QuantRows;
+    fn n(&self) -> usize {
+        self.n
+    }
+    fn k(&self) -> usize {
+        self.k
+    }
+    fn quantize(&self, x: &[f32], rows: usize) -> QuantRows {
+        QuantRows::new(x, rows, self.k)
+    }
+    unsafe fn tile(&self, xq: &QuantRows, t: usize, out: *mut f32, fast: bool) {
+        PackedWeight::tile(self, xq, t, out, fast)
+    }
+}
+
+/// `x`: `m` rows of `k` f32 times `p`; returns `m` rows of `n`.
+pub(super) fn matmul_tiled<P: Tiled>(p: &P, x: &[f32], m: usize) -> Vec<f32> {
+    let (n, k) = (p.n(), p.k());
+    assert_eq!(x.len(), m * k, "input of {} values is not {m} rows of {k}", x.len());
+    let mut y = vec![0f32; m * n];
+    if m == 0 {
+        return y;
+    }
+    let fast = crate::cpu::avx512_vnni();
+    // Tasks: chunks of rows x groups of tiles, enough of them to keep every
+    // core busy for a single decode row as well as for a 512-row prompt.
+    let tiles = n.div_ceil(TILE);
+    let chunks = m.div_ceil(ROW_CHUNK);
+    let split = (2 * rayon::current_num_threads()).div_ceil(chunks).clamp(1, tiles);
+    let per = tiles.div_ceil(split);
+    // Each chunk of rows is quantized once, whatever the tasks sharing it.
+    let quant: Vec<P::Rows> = x.par_chunks(ROW_CHUNK * k).map(|c| p.quantize(c, c.len() / k)).collect();
+    let out = SyncPtr(y.as_mut_ptr());
+    (0..chunks * split).into_par_iter().for_each(|task| {
+        let (chunk, part) = (task / split, task % split);
+        let r0 = chunk * ROW_CHUNK;
+        for t in part * per..((part + 1) * per).min(tiles) {
+            // SAFETY: each task writes rows r0.. of columns of its own tiles.
+            unsafe { p.tile(&quant[chunk], t, out.get().add(r0 * n), fast) };
+        }
+    });
+    y
 }
 
 struct SyncPtr(*mut f32);

@@ -9,6 +9,7 @@
 
 use super::attention;
 use super::kv::SeqCache;
+use super::q4k::{self, PackedQ4K};
 use super::qgemm::{self, PackedWeight};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
@@ -71,24 +72,24 @@ impl Config {
 
 /// A quantized weight with an optional bias, and the kernel chosen per pass.
 ///
-/// On a CPU with AVX-512 VNNI, palaver's block int8 GEMM ([`PackedWeight`],
+/// On a CPU with AVX-512 VNNI, Q4_K weights (most of the 1.5B model) run on
+/// palaver's exact Q4_K kernel ([`PackedQ4K`], 4.6 bits per weight) for
+/// prompts and decoding alike. palaver's block int8 GEMM ([`PackedWeight`],
 /// repacked once here, the bytes of Q8_0) runs every pass of the weights
 /// candle has no int8 kernel for (its row-by-row fallback is 3-9x slower,
 /// `cargo bench --bench kernels`), and the prompt passes of Q8_0 weights it
 /// has one for (1.2x faster at 512 rows; candle keeps their decode passes).
-/// Q4_K and Q6_K weights with candle's repacked kernels stay there: as fast as
-/// ours in the model, and without an 8-bit copy. Without VNNI, prompts
-/// dequantize to one f32 GEMM and decoding stays on candle.
+/// Q6_K weights stay on candle's kernels, without an 8-bit copy. Without
+/// VNNI, prompts dequantize to one f32 GEMM and decoding stays on candle.
 ///
-/// With VNNI, a prompt row's result never depends on the rows read with it,
-/// so a prompt read whole, in chunks or after a reused prefix gives the same
-/// numbers. Decode rows are as exact on palaver's kernel; candle's repacked
-/// kernel rounds one row differently from several, so there a sequence can
-/// decode differently alone than in a batch.
+/// On palaver's kernels a row's result never depends on the rows read with
+/// it, so a prompt read whole, in chunks or after a reused prefix gives the
+/// same numbers, and so does a sequence decoded alone or in a batch. candle's
+/// repacked kernel (Q6_K here) rounds one row differently from several.
 struct Linear {
-    /// candle's quantized matmul over the GGUF tensor, when some pass uses it.
     quant: Option<(QMatMul, Arc<QTensor>)>,
     int8: Option<PackedWeight>,
+    q4k: Option<PackedQ4K>,
     /// Whether candle runs this weight with its repacked int8 kernel.
     candle_int8: bool,
     bias: Option<Tensor>,
@@ -97,13 +98,13 @@ struct Linear {
 impl Linear {
     fn new(w: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let (n, k) = w.shape().dims2()?;
-        // K-quants keep candle's kernels where it has them: as fast as ours
-        // in the model (its sub-block scales are integers, a cheaper
-        // epilogue) and without a second, 8-bit copy of the weight.
-        let k_quant = matches!(w.dtype(), GgmlDType::Q4K | GgmlDType::Q6K);
+        let vnni = w.device().is_cpu() && crate::cpu::avx512_vnni();
+        if vnni && w.dtype() == GgmlDType::Q4K && k.is_multiple_of(q4k::QK) {
+            return Ok(Self { quant: None, int8: None, q4k: Some(PackedQ4K::new(&w)?), candle_int8: false, bias });
+        }
         let candle_int8 = candle_has_int8_gemm(&w);
-        let own = w.device().is_cpu() && crate::cpu::avx512_vnni() && k.is_multiple_of(qgemm::BLOCK);
-        let int8 = if own && !(k_quant && candle_int8) {
+        let own = vnni && k.is_multiple_of(qgemm::BLOCK);
+        let int8 = if own && !(w.dtype() == GgmlDType::Q6K && candle_int8) {
             let f = dequantize(&w)?.flatten_all()?.to_vec1::<f32>()?;
             Some(PackedWeight::from_f32(&f, n, k))
         } else {
@@ -115,14 +116,18 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { quant, int8, candle_int8, bias })
+        Ok(Self { quant, int8, q4k: None, candle_int8, bias })
     }
 
     /// `x`: (rows, in) -> (rows, out).
     fn forward(&self, x: &Tensor, prompt: bool) -> Result<Tensor> {
-        let y = match (&self.int8, &self.quant) {
-            (Some(p), q) if prompt || q.is_none() => int8_matmul(p, x)?,
-            (None, Some((_, raw))) if prompt && raw.device().is_cpu() && !self.candle_int8 => {
+        let y = match (&self.q4k, &self.int8, &self.quant) {
+            (Some(p), _, _) => {
+                let rows = x.dim(0)?;
+                Tensor::from_vec(p.matmul(&x.flatten_all()?.to_vec1::<f32>()?, rows), (rows, p.rows()), x.device())?
+            }
+            (_, Some(p), q) if prompt || q.is_none() => int8_matmul(p, x)?,
+            (_, None, Some((_, raw))) if prompt && raw.device().is_cpu() && !self.candle_int8 => {
                 x.matmul(&dequantize(raw)?.t()?)?
             }
             // candle's repacked kernel takes another path for a single row,
@@ -130,11 +135,11 @@ impl Linear {
             // prompt chunk (the last token of a reused prompt) goes in twice,
             // so that it gets the arithmetic of the cold run's chunk. Decode
             // steps keep the single-row path: two rows cost 1.6x one there.
-            (_, Some((q, _))) if prompt && self.candle_int8 && x.dim(0)? == 1 => {
+            (_, _, Some((q, _))) if prompt && self.candle_int8 && x.dim(0)? == 1 => {
                 q.forward(&Tensor::cat(&[x, x], 0)?)?.narrow(0, 0, 1)?
             }
-            (_, Some((q, _))) => q.forward(x)?,
-            (_, None) => unreachable!("a Linear without candle's kernel has the int8 one"),
+            (_, _, Some((q, _))) => q.forward(x)?,
+            (_, _, None) => unreachable!("a Linear without candle's kernel has one of palaver's"),
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
