@@ -14,16 +14,18 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use palaver::llm::q4k::PackedQ4K;
+use palaver::llm::q6k::PackedQ6K;
 use palaver::llm::qgemm::PackedWeight;
 use std::hint::black_box;
 
 /// (name, outputs, inputs): attention and MLP weights of both models.
-const SHAPES: [(&str, usize, usize); 5] = [
+const SHAPES: [(&str, usize, usize); 6] = [
     ("0.5b-qo-896x896", 896, 896),
     ("0.5b-up-4864x896", 4864, 896),
     ("0.5b-down-896x4864", 896, 4864),
     ("1.5b-up-8960x1536", 8960, 1536),
     ("1.5b-down-1536x8960", 1536, 8960),
+    ("1.5b-output-151936x1536", 151936, 1536),
 ];
 
 fn bench(c: &mut Criterion) {
@@ -44,6 +46,9 @@ fn bench(c: &mut Criterion) {
         let q4k_raw = QTensor::quantize(&w, GgmlDType::Q4K).ok();
         let own_q4k = q4k_raw.as_ref().map(|q| PackedQ4K::new(q).unwrap());
         let q4k = q4k_raw.map(|q| QMatMul::from_qtensor(q).unwrap());
+        let q6k_raw = QTensor::quantize(&w, GgmlDType::Q6K).ok();
+        let own_q6k = q6k_raw.as_ref().map(|q| PackedQ6K::new(q).unwrap());
+        let q6k = q6k_raw.map(|q| QMatMul::from_qtensor(q).unwrap());
         let wt = wd.t().unwrap();
         let mut g = c.benchmark_group(format!("matmul/{name}"));
         g.sample_size(10);
@@ -59,6 +64,10 @@ fn bench(c: &mut Criterion) {
             }
             if let Some(own) = &own_q4k {
                 g.bench_function(format!("q4_k/rows{m}"), |b| b.iter(|| black_box(own.matmul(&xv, m))));
+            }
+            if let (Some(own), Some(theirs)) = (&own_q6k, &q6k) {
+                g.bench_function(format!("q6_k/rows{m}"), |b| b.iter(|| black_box(own.matmul(&xv, m))));
+                g.bench_function(format!("candle-q6_k/rows{m}"), |b| b.iter(|| black_box(theirs.forward(&x).unwrap())));
             }
         }
         g.finish();

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod batching;
 pub mod kv;
 pub mod q4k;
+pub mod q6k;
 pub mod qgemm;
 pub mod transformer;
 mod worker;

@@ -48,13 +48,15 @@ pub struct PackedQ4K {
     dmin: Vec<u16>,
 }
 
-/// Inputs quantized per super-block: int8 values, one scale per 256 and the
-/// sums of each sub-block's 32 integers as i16 pairs (one `i32` per pair).
+/// Inputs quantized per super-block: int8 values, one scale per 256, the
+/// sums of each 32 integers as i16 pairs (one `i32` per pair, for Q4_K's
+/// minimums) and the sums of each 16 (for Q6_K's offset of 32).
 pub struct Q8KRows {
-    rows: usize,
-    q: Vec<i8>,
-    d: Vec<f32>,
+    pub(super) rows: usize,
+    pub(super) q: Vec<i8>,
+    pub(super) d: Vec<f32>,
     sums: Vec<i32>,
+    pub(super) sums16: Vec<i32>,
 }
 
 impl Q8KRows {
@@ -63,15 +65,21 @@ impl Q8KRows {
         let mut q = vec![0i8; rows * k];
         let mut d = vec![0f32; rows * blocks];
         let mut sums = vec![0i32; rows * blocks * 4];
+        let mut sums16 = vec![0i32; rows * blocks * 16];
         for (i, (xb, qb)) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).enumerate() {
             d[i] = amax(xb) / 127.0;
             quantize_with(xb, d[i], qb);
+            let s16 = &mut sums16[i * 16..][..16];
+            for (s, c) in s16.iter_mut().zip(qb.chunks_exact(16)) {
+                *s = c.iter().map(|&v| v as i32).sum();
+            }
             for p in 0..4 {
-                let s = |j: usize| qb[j * 32..][..32].iter().map(|&v| v as i32).sum::<i32>() as i16 as u16 as i32;
+                // |sum of 32| <= 4064: fits an i16 half.
+                let s = |j: usize| (s16[2 * j] + s16[2 * j + 1]) as i16 as u16 as i32;
                 sums[i * 4 + p] = s(2 * p) | (s(2 * p + 1) << 16);
             }
         }
-        Self { rows, q, d, sums }
+        Self { rows, q, d, sums, sums16 }
     }
 }
 
@@ -219,6 +227,7 @@ impl Tiled for PackedQ4K {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{PackedQ4K, Q8KRows, QK, TILE, TILE_QS};
+    use crate::llm::qgemm::avx512::store_tile;
     use std::arch::x86_64::*;
 
     /// `R` rows from `r` of `xq` times tile `t`, through exactly the
@@ -291,22 +300,17 @@ mod avx512 {
                 f[i][1] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum[i][1]), _mm512_mul_ps(e1, dx), f[i][1]);
             }
         }
-        let m0: __mmask16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
-        let m1: __mmask16 = if cols >= 32 { 0xffff } else if cols > 16 { (1u32 << (cols - 16)) as u16 - 1 } else { 0 };
-        for (i, fi) in f.iter().enumerate() {
-            _mm512_mask_storeu_ps(out.add(i * w.n), m0, fi[0]);
-            _mm512_mask_storeu_ps(out.add(i * w.n + 16), m1, fi[1]);
-        }
+        store_tile(&f, out, w.n, cols);
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use candle_core::quantized::QMatMul;
     use candle_core::{Device, Module, Tensor};
 
-    fn rnd(len: usize, seed: u64) -> Vec<f32> {
+    pub(crate) fn rnd(len: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..len)
             .map(|_| {
@@ -316,7 +320,7 @@ mod tests {
             .collect()
     }
 
-    fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    pub(crate) fn cosine(a: &[f32], b: &[f32]) -> f64 {
         let (mut d, mut x, mut y) = (0f64, 0f64, 0f64);
         for (p, q) in a.iter().zip(b) {
             d += (p * q) as f64;
@@ -333,7 +337,7 @@ mod tests {
 
     /// Odd shapes: columns not a multiple of 16 or 32, rows not a multiple
     /// of the micro-kernel's 4 or the 64-row chunk, a single super-block.
-    const SHAPES: [(usize, usize, usize); 5] = [(1, 32, 256), (3, 17, 512), (5, 45, 256), (67, 100, 768), (130, 33, 256)];
+    pub(crate) const SHAPES: [(usize, usize, usize); 5] = [(1, 32, 256), (3, 17, 512), (5, 45, 256), (67, 100, 768), (130, 33, 256)];
 
     #[test]
     fn equals_the_dequantized_weight_within_int8_rounding() {

@@ -246,7 +246,7 @@ fn scalar_row(xq: &QuantRows, r: usize, w: &[u8], s: &[u16], out: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(super) mod avx512 {
     use super::{QuantRows, BLOCK, TILE};
     use std::arch::x86_64::*;
 
@@ -294,6 +294,13 @@ mod avx512 {
                 f[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][1]), _mm512_mul_ps(s1, dx), f[i][1]);
             }
         }
+        store_tile(&f, out, ldo, cols);
+    }
+
+    /// Writes `R` rows of a 32-column tile (row stride `ldo`), its first
+    /// `cols` columns only.
+    #[target_feature(enable = "avx512f")]
+    pub(in crate::llm) unsafe fn store_tile<const R: usize>(f: &[[__m512; 2]; R], out: *mut f32, ldo: usize, cols: usize) {
         let m0: __mmask16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
         let m1: __mmask16 = if cols >= 32 { 0xffff } else if cols > 16 { (1u32 << (cols - 16)) as u16 - 1 } else { 0 };
         for (i, fi) in f.iter().enumerate() {

@@ -10,6 +10,7 @@
 use super::attention;
 use super::kv::SeqCache;
 use super::q4k::{self, PackedQ4K};
+use super::q6k::PackedQ6K;
 use super::qgemm::{self, PackedWeight};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
@@ -72,24 +73,26 @@ impl Config {
 
 /// A quantized weight with an optional bias, and the kernel chosen per pass.
 ///
-/// On a CPU with AVX-512 VNNI, Q4_K weights (most of the 1.5B model) run on
-/// palaver's exact Q4_K kernel ([`PackedQ4K`], 4.6 bits per weight) for
-/// prompts and decoding alike. palaver's block int8 GEMM ([`PackedWeight`],
+/// On a CPU with AVX-512 VNNI, Q4_K and Q6_K weights (the 1.5B model) run on
+/// palaver's exact kernels for them ([`PackedQ4K`], [`PackedQ6K`]: the
+/// stored bytes regrouped) for prompts and decoding alike. palaver's block
+/// int8 GEMM ([`PackedWeight`],
 /// repacked once here, the bytes of Q8_0) runs every pass of the weights
 /// candle has no int8 kernel for (its row-by-row fallback is 3-9x slower,
 /// `cargo bench --bench kernels`), and the prompt passes of Q8_0 weights it
 /// has one for (1.2x faster at 512 rows; candle keeps their decode passes).
-/// Q6_K weights stay on candle's kernels, without an 8-bit copy. Without
-/// VNNI, prompts dequantize to one f32 GEMM and decoding stays on candle.
+/// Without VNNI, prompts dequantize to one f32 GEMM and decoding stays on
+/// candle.
 ///
 /// On palaver's kernels a row's result never depends on the rows read with
 /// it, so a prompt read whole, in chunks or after a reused prefix gives the
 /// same numbers, and so does a sequence decoded alone or in a batch. candle's
-/// repacked kernel (Q6_K here) rounds one row differently from several.
+/// repacked kernel (Q8_0 weights of other models) rounds one row differently
+/// from several.
 struct Linear {
     quant: Option<(QMatMul, Arc<QTensor>)>,
     int8: Option<PackedWeight>,
-    q4k: Option<PackedQ4K>,
+    kquant: Option<KQuant>,
     /// Whether candle runs this weight with its repacked int8 kernel.
     candle_int8: bool,
     bias: Option<Tensor>,
@@ -99,12 +102,19 @@ impl Linear {
     fn new(w: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let (n, k) = w.shape().dims2()?;
         let vnni = w.device().is_cpu() && crate::cpu::avx512_vnni();
-        if vnni && w.dtype() == GgmlDType::Q4K && k.is_multiple_of(q4k::QK) {
-            return Ok(Self { quant: None, int8: None, q4k: Some(PackedQ4K::new(&w)?), candle_int8: false, bias });
+        if vnni && k.is_multiple_of(q4k::QK) {
+            let kquant = match w.dtype() {
+                GgmlDType::Q4K => Some(KQuant::Q4K(PackedQ4K::new(&w)?)),
+                GgmlDType::Q6K => Some(KQuant::Q6K(PackedQ6K::new(&w)?)),
+                _ => None,
+            };
+            if kquant.is_some() {
+                return Ok(Self { quant: None, int8: None, kquant, candle_int8: false, bias });
+            }
         }
         let candle_int8 = candle_has_int8_gemm(&w);
         let own = vnni && k.is_multiple_of(qgemm::BLOCK);
-        let int8 = if own && !(w.dtype() == GgmlDType::Q6K && candle_int8) {
+        let int8 = if own && !(matches!(w.dtype(), GgmlDType::Q4K | GgmlDType::Q6K) && candle_int8) {
             let f = dequantize(&w)?.flatten_all()?.to_vec1::<f32>()?;
             Some(PackedWeight::from_f32(&f, n, k))
         } else {
@@ -116,15 +126,19 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { quant, int8, q4k: None, candle_int8, bias })
+        Ok(Self { quant, int8, kquant: None, candle_int8, bias })
     }
 
     /// `x`: (rows, in) -> (rows, out).
     fn forward(&self, x: &Tensor, prompt: bool) -> Result<Tensor> {
-        let y = match (&self.q4k, &self.int8, &self.quant) {
+        let y = match (&self.kquant, &self.int8, &self.quant) {
             (Some(p), _, _) => {
-                let rows = x.dim(0)?;
-                Tensor::from_vec(p.matmul(&x.flatten_all()?.to_vec1::<f32>()?, rows), (rows, p.rows()), x.device())?
+                let (rows, xs) = (x.dim(0)?, x.flatten_all()?.to_vec1::<f32>()?);
+                let (y, n) = match p {
+                    KQuant::Q4K(p) => (p.matmul(&xs, rows), p.rows()),
+                    KQuant::Q6K(p) => (p.matmul(&xs, rows), p.rows()),
+                };
+                Tensor::from_vec(y, (rows, n), x.device())?
             }
             (_, Some(p), q) if prompt || q.is_none() => int8_matmul(p, x)?,
             (_, None, Some((_, raw))) if prompt && raw.device().is_cpu() && !self.candle_int8 => {
@@ -146,6 +160,12 @@ impl Linear {
             None => Ok(y),
         }
     }
+}
+
+/// A k-quant weight on palaver's kernel for its format.
+enum KQuant {
+    Q4K(PackedQ4K),
+    Q6K(PackedQ6K),
 }
 
 fn int8_matmul(p: &PackedWeight, x: &Tensor) -> Result<Tensor> {
@@ -297,6 +317,14 @@ impl Transformer {
     /// row is the same whatever the batch, so batched and single generation
     /// give the same tokens.
     pub fn forward_many(&self, steps: &mut [Step<'_>], prompt: bool) -> Result<Tensor> {
+        // The pass runs on a worker of the compute pool: its many parallel
+        // loops (several per layer) then split work with the other workers
+        // directly, instead of each waking the pool from outside and
+        // sleeping until it is done (two context switches per loop).
+        rayon::scope(|_| self.pass(steps, prompt))
+    }
+
+    fn pass(&self, steps: &mut [Step<'_>], prompt: bool) -> Result<Tensor> {
         let c = &self.cfg;
         let mut all: Vec<u32> = Vec::new();
         for s in steps.iter() {

@@ -1,0 +1,344 @@
+//! GGUF Q6_K weights multiplied exactly as stored, with AVX-512 VNNI.
+//!
+//! A Q6_K super-block holds 256 weights as 6-bit integers `v` (0..63) in 16
+//! sub-blocks of 16, each with a signed 8-bit scale, and an f16 `d`:
+//! `w = d·sc·(v − 32)`, 6.56 bits per weight. Q4_K_M files keep the output
+//! layer and half the down projections in it. candle multiplies one row
+//! with its row-by-row kernel and several with tiles whose scales it expands
+//! to f32 (8.5 bits per weight); here both take one kernel over bytes
+//! regrouped for `vpdpbusd` (6.625 bits per weight), and a row's result does
+//! not depend on the rows beside it.
+//!
+//! Per sub-block the integer sum starts at `−32·Σx` (the offset of `v`, from
+//! the inputs' sums of 16), takes the unsigned `v` against the signed
+//! inputs, and is multiplied by the sub-block scale; the super-block's sum
+//! is scaled once by `d·dx`. Integers are exact, so the vector and scalar
+//! kernels agree bit for bit.
+
+use super::q4k::{Q8KRows, QK};
+use super::qgemm::{matmul_tiled, Tiled, TILE};
+use candle_core::quantized::{GgmlDType, QTensor};
+use half::f16;
+use rayon::prelude::*;
+
+/// Bytes of one GGUF Q6_K super-block: 128 of low bits, 64 of high bits, 16
+/// scales, d.
+const BLOCK_BYTES: usize = 210;
+/// Bytes per (tile, super-block) of low nibbles and of high bit pairs.
+const TILE_QL: usize = TILE * QK / 2;
+const TILE_QH: usize = TILE * QK / 4;
+
+/// A Q6_K weight of `n` outputs by `k` inputs, repacked once at load.
+pub struct PackedQ6K {
+    n: usize,
+    k: usize,
+    /// `[tile][super-block][group 32][column 32][4]`: byte `i` holds the low
+    /// 4 bits of input `8g+i` and, in its high nibble, of `8g+4+i`.
+    ql: Vec<u8>,
+    /// `[tile][super-block][sub 16][column 32][4]`: byte `i` holds the high
+    /// 2 bits of inputs `16j+i`, `16j+4+i`, `16j+8+i`, `16j+12+i`, from bit 0 up.
+    qh: Vec<u8>,
+    /// `[tile][super-block][sub 16][column 32]` scales.
+    sc: Vec<i8>,
+    /// `[tile][super-block][column 32]` f16 bits of `d`.
+    d: Vec<u16>,
+}
+
+/// Input `i` (0..256) of a GGUF Q6_K block: its 6-bit value and scale index.
+fn value(blk: &[u8], i: usize) -> u8 {
+    let (ql, qh) = (&blk[..128], &blk[128..192]);
+    let (h, r) = (i / 128, i % 128);
+    let (quarter, l) = (r / 32, r % 32);
+    let low = ql[64 * h + 32 * (quarter % 2) + l];
+    let low = if quarter < 2 { low & 0xF } else { low >> 4 };
+    low | (((qh[32 * h + l] >> (2 * quarter)) & 3) << 4)
+}
+
+impl PackedQ6K {
+    /// Repacks a 2-D Q6_K tensor whose input size is a multiple of 256.
+    pub fn new(w: &QTensor) -> candle_core::Result<Self> {
+        let (n, k) = w.shape().dims2()?;
+        if w.dtype() != GgmlDType::Q6K || !k.is_multiple_of(QK) {
+            candle_core::bail!("PackedQ6K takes Q6_K weights with inputs a multiple of {QK}, got {:?} {n}x{k}", w.dtype());
+        }
+        let raw = w.data()?;
+        Ok(Self::from_blocks(&raw, n, k))
+    }
+
+    fn from_blocks(raw: &[u8], n: usize, k: usize) -> Self {
+        let (tiles, blocks) = (n.div_ceil(TILE), k / QK);
+        assert_eq!(raw.len(), n * blocks * BLOCK_BYTES, "Q6_K data of {n}x{k}");
+        let per = tiles * blocks;
+        let (mut ql, mut qh) = (vec![0u8; per * TILE_QL], vec![0u8; per * TILE_QH]);
+        let (mut sc, mut d) = (vec![0i8; per * 16 * TILE], vec![0u16; per * TILE]);
+        ql.par_chunks_mut(TILE_QL)
+            .zip(qh.par_chunks_mut(TILE_QH))
+            .zip(sc.par_chunks_mut(16 * TILE).zip(d.par_chunks_mut(TILE)))
+            .enumerate()
+            .for_each(|(tb, ((ql, qh), (sc, d)))| {
+                let (t, b) = (tb / blocks, tb % blocks);
+                // Columns past `n` keep zero scales and contribute nothing.
+                for c in 0..TILE.min(n - t * TILE) {
+                    let blk = &raw[((t * TILE + c) * blocks + b) * BLOCK_BYTES..][..BLOCK_BYTES];
+                    d[c] = u16::from_le_bytes([blk[208], blk[209]]);
+                    for j in 0..16 {
+                        sc[j * TILE + c] = blk[192 + j] as i8;
+                    }
+                    let v = |i: usize| value(blk, i);
+                    for g in 0..QK / 8 {
+                        for i in 0..4 {
+                            ql[(g * TILE + c) * 4 + i] = (v(8 * g + i) & 0xF) | ((v(8 * g + 4 + i) & 0xF) << 4);
+                        }
+                    }
+                    for j in 0..16 {
+                        for i in 0..4 {
+                            let hi = |o: usize| (v(16 * j + o + i) >> 4) << (o / 2);
+                            qh[(j * TILE + c) * 4 + i] = hi(0) | hi(4) | hi(8) | hi(12);
+                        }
+                    }
+                }
+            });
+        Self { n, k, ql, qh, sc, d }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// `x`: `m` rows of `k` f32; returns `m` rows of `n`.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        matmul_tiled(self, x, m)
+    }
+
+    /// The 6-bit value of input `i` of super-block `tb`, column `c`.
+    fn packed_value(&self, tb: usize, c: usize, i: usize) -> i32 {
+        let (g, o, j) = (i / 8, i % 8, i / 16);
+        let byte = self.ql[tb * TILE_QL + (g * TILE + c) * 4 + o % 4];
+        let low = if o < 4 { byte & 0xF } else { byte >> 4 };
+        let high = (self.qh[tb * TILE_QH + (j * TILE + c) * 4 + o % 4] >> (2 * ((i % 16) / 4))) & 3;
+        (low | (high << 4)) as i32
+    }
+
+    /// The reference: the kernel's arithmetic for one row, column by column.
+    fn scalar_row(&self, xq: &Q8KRows, r: usize, t: usize, out: &mut [f32]) {
+        let blocks = self.k / QK;
+        for (c, y) in out.iter_mut().enumerate() {
+            let mut f = 0f32;
+            for b in 0..blocks {
+                let tb = t * blocks + b;
+                let x = &xq.q[r * self.k + b * QK..][..QK];
+                let mut isum = 0i32;
+                for j in 0..16 {
+                    let mut acc = -32 * xq.sums16[(r * blocks + b) * 16 + j];
+                    for i in 16 * j..16 * j + 16 {
+                        acc += self.packed_value(tb, c, i) * x[i] as i32;
+                    }
+                    isum += acc * self.sc[tb * 16 * TILE + j * TILE + c] as i32;
+                }
+                let d = f16::from_bits(self.d[tb * TILE + c]).to_f32();
+                f = (isum as f32).mul_add(d * xq.d[r * blocks + b], f);
+            }
+            *y = f;
+        }
+    }
+}
+
+impl Tiled for PackedQ6K {
+    type Rows = Q8KRows;
+    fn n(&self) -> usize {
+        self.n
+    }
+    fn k(&self) -> usize {
+        self.k
+    }
+    fn quantize(&self, x: &[f32], rows: usize) -> Q8KRows {
+        Q8KRows::new(x, rows, self.k)
+    }
+    unsafe fn tile(&self, xq: &Q8KRows, t: usize, out: *mut f32, fast: bool) {
+        let cols = TILE.min(self.n - t * TILE);
+        let out = out.add(t * TILE);
+        let mut r = 0;
+        while r < xq.rows {
+            let rows = 4.min(xq.rows - r);
+            let dst = out.add(r * self.n);
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                match rows {
+                    4 => avx512::tile::<4>(self, xq, r, t, dst, cols),
+                    3 => avx512::tile::<3>(self, xq, r, t, dst, cols),
+                    2 => avx512::tile::<2>(self, xq, r, t, dst, cols),
+                    _ => avx512::tile::<1>(self, xq, r, t, dst, cols),
+                }
+                r += rows;
+                continue;
+            }
+            let _ = fast;
+            for i in 0..rows {
+                self.scalar_row(xq, r + i, t, std::slice::from_raw_parts_mut(dst.add(i * self.n), cols));
+            }
+            r += rows;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{PackedQ6K, Q8KRows, QK, TILE, TILE_QH, TILE_QL};
+    use crate::llm::qgemm::avx512::store_tile;
+    use std::arch::x86_64::*;
+
+    /// `(a & 0xF) | (h & 0x30)`, one `vpternlogd` after the mask.
+    #[inline(always)]
+    unsafe fn six(a: __m512i, h: __m512i, low: __m512i, high: __m512i) -> __m512i {
+        // A | (B & C) with A = a & 0xF, B = h, C = 0x30.
+        _mm512_ternarylogic_epi32(_mm512_and_si512(a, low), h, high, 0xF8)
+    }
+
+    /// `R` rows from `r` of `xq` times tile `t`, through exactly the
+    /// operations of `scalar_row`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn tile<const R: usize>(w: &PackedQ6K, xq: &Q8KRows, r: usize, t: usize, out: *mut f32, cols: usize) {
+        let (k, blocks) = (w.k, w.k / QK);
+        let (low, high) = (_mm512_set1_epi8(0xF), _mm512_set1_epi8(0x30));
+        let mut f = [[_mm512_setzero_ps(); 2]; R];
+        for b in 0..blocks {
+            let tb = t * blocks + b;
+            let (ql, qh) = (w.ql.as_ptr().add(tb * TILE_QL), w.qh.as_ptr().add(tb * TILE_QH));
+            let sc = w.sc.as_ptr().add(tb * 16 * TILE);
+            let mut isum = [[_mm512_setzero_si512(); 2]; R];
+            for j in 0..16 {
+                // Two independent sums per row and vector: inputs 0-7 and 8-15.
+                let mut acc = [[[_mm512_setzero_si512(); 2]; 2]; R];
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let o = _mm512_set1_epi32(-32 * *xq.sums16.get_unchecked(((r + i) * blocks + b) * 16 + j));
+                    a[0] = [o, o];
+                }
+                for v in 0..2 {
+                    let n0 = _mm512_loadu_si512(ql.add((2 * j * TILE + 16 * v) * 4) as *const __m512i);
+                    let n1 = _mm512_loadu_si512(ql.add(((2 * j + 1) * TILE + 16 * v) * 4) as *const __m512i);
+                    let h = _mm512_loadu_si512(qh.add((j * TILE + 16 * v) * 4) as *const __m512i);
+                    let q = [
+                        six(n0, _mm512_slli_epi16(h, 4), low, high),
+                        six(_mm512_srli_epi16(n0, 4), _mm512_slli_epi16(h, 2), low, high),
+                        six(n1, h, low, high),
+                        six(_mm512_srli_epi16(n1, 4), _mm512_srli_epi16(h, 2), low, high),
+                    ];
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let x = xq.q.as_ptr().add((r + i) * k + b * QK + j * 16);
+                        for (p, qp) in q.iter().enumerate() {
+                            let xv = _mm512_set1_epi32((x.add(4 * p) as *const i32).read_unaligned());
+                            a[p / 2][v] = _mm512_dpbusd_epi32(a[p / 2][v], *qp, xv);
+                        }
+                    }
+                }
+                let s0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(sc.add(j * TILE) as *const __m128i));
+                let s1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(sc.add(j * TILE + 16) as *const __m128i));
+                for (i, a) in acc.iter().enumerate() {
+                    isum[i][0] = _mm512_add_epi32(isum[i][0], _mm512_mullo_epi32(_mm512_add_epi32(a[0][0], a[1][0]), s0));
+                    isum[i][1] = _mm512_add_epi32(isum[i][1], _mm512_mullo_epi32(_mm512_add_epi32(a[0][1], a[1][1]), s1));
+                }
+            }
+            let d0 = _mm512_cvtph_ps(_mm256_loadu_si256(w.d.as_ptr().add(tb * TILE) as *const __m256i));
+            let d1 = _mm512_cvtph_ps(_mm256_loadu_si256(w.d.as_ptr().add(tb * TILE + 16) as *const __m256i));
+            for i in 0..R {
+                let dx = _mm512_set1_ps(*xq.d.get_unchecked((r + i) * blocks + b));
+                f[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i][0]), _mm512_mul_ps(d0, dx), f[i][0]);
+                f[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i][1]), _mm512_mul_ps(d1, dx), f[i][1]);
+            }
+        }
+        store_tile(&f, out, w.n, cols);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llm::q4k::tests::{cosine, rnd, SHAPES};
+    use candle_core::quantized::QMatMul;
+    use candle_core::{Device, Module, Tensor};
+
+    fn q6k(n: usize, k: usize, seed: u64) -> QTensor {
+        let w = Tensor::new(rnd(n * k, seed), &Device::Cpu).unwrap().reshape((n, k)).unwrap();
+        QTensor::quantize(&w, GgmlDType::Q6K).unwrap()
+    }
+
+    fn dense(q: &QTensor, x: &[f32], m: usize) -> Vec<f32> {
+        let k = x.len() / m;
+        let deq = q.dequantize(&Device::Cpu).unwrap();
+        let x = Tensor::new(x, &Device::Cpu).unwrap().reshape((m, k)).unwrap();
+        x.matmul(&deq.t().unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn equals_the_dequantized_weight_within_int8_rounding() {
+        for (m, n, k) in SHAPES {
+            let w = q6k(n, k, 7 + n as u64);
+            let x = rnd(m * k, 1 + m as u64);
+            let cos = cosine(&PackedQ6K::new(&w).unwrap().matmul(&x, m), &dense(&w, &x, m));
+            assert!(cos > 0.9999, "{m}x{n}x{k}: cosine {cos}");
+        }
+    }
+
+    #[test]
+    fn agrees_with_candles_q6k_matmul() {
+        let (m, n, k) = (3, 64, 512);
+        let w = q6k(n, k, 3);
+        let x = rnd(m * k, 9);
+        let ours = PackedQ6K::new(&w).unwrap().matmul(&x, m);
+        let xt = Tensor::new(x.as_slice(), &Device::Cpu).unwrap().reshape((m, k)).unwrap();
+        let theirs: Vec<f32> = QMatMul::from_qtensor(w).unwrap().forward(&xt).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let cos = cosine(&ours, &theirs);
+        assert!(cos > 0.9999, "cosine {cos}");
+    }
+
+    #[test]
+    fn vector_kernel_equals_scalar_bit_for_bit() {
+        if !crate::cpu::avx512_vnni() {
+            eprintln!("no AVX-512 VNNI on this CPU: only the scalar path is tested");
+            return;
+        }
+        for (m, n, k) in SHAPES {
+            let p = PackedQ6K::new(&q6k(n, k, 5 + m as u64)).unwrap();
+            let x = rnd(m * k, 3 + k as u64);
+            let fast = p.matmul(&x, m);
+            let xq = Q8KRows::new(&x, m, k);
+            let mut slow = vec![0f32; m * n];
+            for t in 0..n.div_ceil(TILE) {
+                unsafe { p.tile(&xq, t, slow.as_mut_ptr(), false) };
+            }
+            assert_eq!(fast, slow, "{m}x{n}x{k}");
+        }
+    }
+
+    #[test]
+    fn a_row_does_not_depend_on_the_rows_beside_it() {
+        let (m, n, k) = (70, 96, 512);
+        let p = PackedQ6K::new(&q6k(n, k, 13)).unwrap();
+        let x = rnd(m * k, 11);
+        let all = p.matmul(&x, m);
+        for r in [0, 3, 64, 69] {
+            assert_eq!(p.matmul(&x[r * k..(r + 1) * k], 1), all[r * n..(r + 1) * n], "row {r}");
+        }
+        assert_eq!(p.matmul(&x[5 * k..], m - 5), all[5 * n..]);
+    }
+
+    #[test]
+    fn repacking_keeps_every_weight() {
+        let (n, k) = (40, 512);
+        let w = q6k(n, k, 21);
+        let p = PackedQ6K::new(&w).unwrap();
+        let deq: Vec<f32> = w.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let blocks = k / QK;
+        for c in 0..n {
+            for i in 0..k {
+                let tb = (c / TILE) * blocks + i / QK;
+                let (cc, ii) = (c % TILE, i % QK);
+                let v = p.packed_value(tb, cc, ii) - 32;
+                let d = f16::from_bits(p.d[tb * TILE + cc]).to_f32();
+                let sc = p.sc[tb * 16 * TILE + (ii / 16) * TILE + cc] as f32;
+                let want = d * sc * v as f32;
+                assert!((want - deq[c * k + i]).abs() <= 1e-6 * (1.0 + want.abs()), "({c}, {i}): {want} vs {}", deq[c * k + i]);
+            }
+        }
+    }
+}
