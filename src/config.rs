@@ -151,6 +151,20 @@ pub struct SummarizeArgs {
     /// shorter ones let the other members' next tokens in sooner.
     #[arg(long, env = "PALAVER_PROMPT_CHUNK", default_value_t = BatchPolicy::default().prompt_chunk)]
     pub prompt_chunk: usize,
+
+    /// Tokens guessed ahead (from the thread and the thread's previous
+    /// summary) and checked in the same decode pass; the summary is the same
+    /// token for token, only sooner. 0 turns drafting off. Longer drafts pay
+    /// off when guesses hold (re-summarising a thread), and cost compute when
+    /// they do not.
+    #[arg(long, env = "PALAVER_MAX_DRAFT", default_value_t = BatchPolicy::default().max_draft)]
+    pub max_draft: usize,
+
+    /// Rows a decode pass may hold with drafts, shared by the summaries being
+    /// generated: a lone summary checks the full draft, a full batch none,
+    /// since its rows already share each read of the weights.
+    #[arg(long, env = "PALAVER_DECODE_ROWS", default_value_t = BatchPolicy::default().decode_rows)]
+    pub decode_rows: usize,
 }
 
 impl SummarizeArgs {
@@ -161,6 +175,8 @@ impl SummarizeArgs {
                 max_sequences: self.max_batch_sequences.max(1),
                 max_batch_tokens: self.max_batch_tokens,
                 prompt_chunk: self.prompt_chunk.max(1),
+                max_draft: self.max_draft,
+                decode_rows: self.decode_rows,
                 ..BatchPolicy::default()
             },
         }

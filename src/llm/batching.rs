@@ -24,11 +24,27 @@ pub struct BatchPolicy {
     /// Prompt passes allowed between two decode steps while sequences are
     /// generating: a long new prompt delays others' next token by at most this.
     pub prompt_passes_per_decode: usize,
+    /// Drafted tokens a sequence may check per decode pass (0: none). Each
+    /// accepted one is a token without a pass of its own; each rejected one
+    /// costs a row of compute.
+    pub max_draft: usize,
+    /// Rows a decode pass may hold with drafts: alone, a sequence checks
+    /// `max_draft` tokens for little more than the cost of one (reading the
+    /// weights dominates); in a full batch the rows already share that read,
+    /// and drafts would make the pass compute-bound.
+    pub decode_rows: usize,
 }
 
 impl Default for BatchPolicy {
     fn default() -> Self {
-        Self { max_sequences: 8, max_batch_tokens: 16_384, prompt_chunk: 512, prompt_passes_per_decode: 1 }
+        Self {
+            max_sequences: 8,
+            max_batch_tokens: 16_384,
+            prompt_chunk: 512,
+            prompt_passes_per_decode: 1,
+            max_draft: 8,
+            decode_rows: 16,
+        }
     }
 }
 
@@ -73,6 +89,16 @@ impl BatchPolicy {
             admitted += 1;
         }
         admitted
+    }
+}
+
+impl BatchPolicy {
+    /// Drafted tokens each of `generating` sequences may check in one pass.
+    pub fn draft_per_sequence(&self, generating: usize) -> usize {
+        if generating == 0 {
+            return 0;
+        }
+        self.max_draft.min((self.decode_rows / generating).saturating_sub(1))
     }
 }
 
@@ -143,6 +169,18 @@ mod tests {
         assert_eq!(s.next(&p, &[generating(), generating()]), Some(Pass::Decode));
         assert_eq!(s.next(&p, &[generating()]), Some(Pass::Decode), "decoders never starve");
         assert_eq!(s.next(&p, &[]), None);
+    }
+
+    #[test]
+    fn drafts_shrink_as_the_batch_fills() {
+        let p = BatchPolicy { max_draft: 8, decode_rows: 16, ..Default::default() };
+        assert_eq!(p.draft_per_sequence(1), 8, "alone: the full draft");
+        assert_eq!(p.draft_per_sequence(2), 7, "two sequences of 8 rows");
+        assert_eq!(p.draft_per_sequence(4), 3);
+        assert_eq!(p.draft_per_sequence(8), 1);
+        assert_eq!(p.draft_per_sequence(16), 0, "a full pass checks no drafts");
+        assert_eq!(p.draft_per_sequence(0), 0);
+        assert_eq!(BatchPolicy { max_draft: 0, ..p }.draft_per_sequence(1), 0, "drafting off");
     }
 
     #[test]

@@ -127,6 +127,9 @@ struct Entry {
     tokens: Vec<u32>,
     snap: Snapshot,
     used: u64,
+    /// The last answer generated after this conversation's prompt: drafts
+    /// for the next one (`draft`).
+    answer: Vec<u32>,
 }
 
 /// Prompt caches by conversation id, least recently used evicted first once
@@ -182,8 +185,10 @@ impl PrefixCache {
             return Ok(());
         }
         self.clock += 1;
+        let mut answer = Vec::new();
         if let Some(old) = self.entries.remove(key) {
             self.bytes -= old.snap.bytes();
+            answer = old.answer;
         }
         while self.bytes + size > self.budget {
             let Some(oldest) = self.entries.iter().min_by_key(|(_, e)| e.used).map(|(k, _)| k.clone()) else {
@@ -194,8 +199,20 @@ impl PrefixCache {
             }
         }
         self.bytes += size;
-        self.entries.insert(key.to_string(), Entry { tokens: prompt.to_vec(), snap, used: self.clock });
+        self.entries.insert(key.to_string(), Entry { tokens: prompt.to_vec(), snap, used: self.clock, answer });
         Ok(())
+    }
+
+    /// The last answer kept for `key` (empty if none).
+    pub fn answer(&self, key: &str) -> &[u32] {
+        self.entries.get(key).map_or(&[], |e| &e.answer)
+    }
+
+    /// Keeps `answer` as the latest for `key`, if its prompt is cached.
+    pub fn store_answer(&mut self, key: &str, answer: &[u32]) {
+        if let Some(e) = self.entries.get_mut(key) {
+            e.answer = answer.to_vec();
+        }
     }
 }
 
@@ -263,5 +280,21 @@ mod tests {
         assert!(pc.bytes() <= per_entry * 2);
         assert_eq!(pc.load("b", &prompt, &mut c).unwrap(), 0, "b was least recently used");
         assert_eq!(pc.load("a", &prompt, &mut c).unwrap(), 7);
+    }
+
+    #[test]
+    fn an_answer_outlives_the_next_prompt_until_replaced() {
+        let src = filled(4, 0.0);
+        let mut pc = PrefixCache::new(1 << 20);
+        pc.store_answer("a", &[9, 9]); // no prompt cached yet: nothing kept
+        assert!(pc.answer("a").is_empty());
+        pc.store("a", &[1, 2, 3, 4], &src).unwrap();
+        pc.store_answer("a", &[7, 8]);
+        // The grown thread's prompt replaces the cache; the answer stays as a draft.
+        pc.store("a", &[1, 2, 3, 4], &src).unwrap();
+        assert_eq!(pc.answer("a"), [7, 8]);
+        pc.store_answer("a", &[5]);
+        assert_eq!(pc.answer("a"), [5]);
+        assert!(pc.answer("b").is_empty());
     }
 }

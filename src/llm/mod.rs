@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod batching;
+pub mod draft;
 pub mod kv;
 pub mod q4k;
 pub mod q6k;
@@ -56,6 +57,8 @@ pub struct Generation {
     /// Prompt tokens whose keys and values came from the conversation's cache.
     pub reused_prompt_tokens: usize,
     pub generated_tokens: usize,
+    /// Generated tokens that came from accepted drafts (no pass of their own).
+    pub drafted_tokens: usize,
     pub stop: StopReason,
     pub queue: Duration,
     pub prompt_time: Duration,
@@ -150,12 +153,12 @@ impl Llm {
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation, LlmError> {
         let mut s = self.start(prompt.to_vec(), conversation.map(str::to_string), params.clone())?;
-        let chunk = batching::BatchPolicy::default().prompt_chunk;
+        let policy = batching::BatchPolicy::default();
         while !s.is_done() {
             let piece = if s.prompt_left() > 0 {
-                self.read_prompt(&mut s, chunk)?
+                self.read_prompt(&mut s, policy.prompt_chunk)?
             } else {
-                self.decode(&mut [&mut s])?.pop().flatten()
+                self.decode(&mut [&mut s], policy.draft_per_sequence(1))?.pop().flatten()
             };
             if let Some(p) = piece {
                 if !on_text(&p) {
@@ -180,11 +183,11 @@ impl Llm {
             return Err(LlmError::ContextExceeded { tokens: prompt.len(), limit: context });
         }
         let mut cache = self.spare.pop().unwrap_or_else(|| self.model.new_cache());
-        let reused = match &conversation {
-            Some(key) => self.prefixes.load(key, &prompt, &mut cache)?,
+        let (reused, previous) = match &conversation {
+            Some(key) => (self.prefixes.load(key, &prompt, &mut cache)?, self.prefixes.answer(key).to_vec()),
             None => {
                 cache.truncate(0);
-                0
+                (0, Vec::new())
             }
         };
         let max_new = params.max_new_tokens.min(context - prompt.len());
@@ -197,6 +200,8 @@ impl Llm {
             params,
             cache,
             out: Vec::new(),
+            previous,
+            drafted: 0,
             decoder: IncrementalDecoder::default(),
             stop: None,
             started: Instant::now(),
@@ -223,20 +228,41 @@ impl Llm {
     }
 
     /// One decode step for every sequence given (all past their prompt): one
-    /// pass over the weights for all of them. Returns each one's new text.
-    pub fn decode(&mut self, seqs: &mut [&mut Sequence]) -> Result<Vec<Option<String>>, LlmError> {
-        let mut steps: Vec<Step> = seqs
-            .iter_mut()
-            .map(|s| {
-                let last = s.out.last().expect("decode after the first token");
-                Step { tokens: std::slice::from_ref(last), cache: &mut s.cache }
-            })
-            .collect();
-        let logits = self.model.forward_many(&mut steps, false)?;
+    /// pass over the weights for all of them. Each sequence also checks up to
+    /// `draft` guessed tokens ([`draft`]) in the same pass and keeps those
+    /// its greedy choice agrees with, so a pass may give it several tokens,
+    /// the same ones as one pass each. Returns each one's new text.
+    pub fn decode(&mut self, seqs: &mut [&mut Sequence], draft: usize) -> Result<Vec<Option<String>>, LlmError> {
+        let inputs: Vec<Vec<u32>> = seqs.iter().map(|s| s.next_input(draft)).collect();
+        let tails: Vec<usize> = inputs.iter().map(Vec::len).collect();
+        let mut steps: Vec<Step> =
+            seqs.iter_mut().zip(&inputs).map(|(s, t)| Step { tokens: t, cache: &mut s.cache }).collect();
+        let logits = self.model.forward_tails(&mut steps, false, &tails)?;
         drop(steps);
         let mut pieces = Vec::with_capacity(seqs.len());
-        for (i, s) in seqs.iter_mut().enumerate() {
-            pieces.push(self.accept(s, &logits.get(i)?)?);
+        let mut row = 0;
+        for (s, input) in seqs.iter_mut().zip(&inputs) {
+            let start = s.cache.len() - input.len();
+            let mut text: Option<String> = None;
+            let mut used = 0;
+            // Row j holds the model's choice after input j; input j+1 (a
+            // drafted token) is kept only if that choice is it.
+            while used < input.len() {
+                let piece = self.accept(s, &logits.get(row + used)?)?;
+                if let Some(p) = piece {
+                    text.get_or_insert_with(String::new).push_str(&p);
+                }
+                used += 1;
+                if s.is_done() || used == input.len() || s.out.last() != Some(&input[used]) {
+                    break;
+                }
+                s.drafted += 1;
+            }
+            // Positions past the last kept input were computed for rejected
+            // guesses: they leave the cache.
+            s.cache.truncate(start + used);
+            row += input.len();
+            pieces.push(text);
         }
         Ok(pieces)
     }
@@ -267,12 +293,16 @@ impl Llm {
 
     /// The finished sequence's result; its cache goes back to the pool.
     pub fn finish(&mut self, s: Sequence) -> Result<Generation, LlmError> {
+        if let Some(key) = &s.conversation {
+            self.prefixes.store_answer(key, &s.out);
+        }
         let text = self.tokenizer.decode(&s.out, true).map_err(|e| LlmError::Tokenizer(e.to_string()));
         let g = Generation {
             text: text?,
             prompt_tokens: s.prompt.len(),
             reused_prompt_tokens: s.reused,
             generated_tokens: s.out.len(),
+            drafted_tokens: s.drafted,
             stop: s.stop.unwrap_or(StopReason::MaxTokens),
             queue: Duration::ZERO,
             prompt_time: s.prompt_time,
@@ -304,6 +334,10 @@ pub struct Sequence {
     reused: usize,
     max_new: usize,
     out: Vec<u32>,
+    /// The conversation's previous answer: the first source of drafts.
+    previous: Vec<u32>,
+    /// Tokens of `out` that came from accepted drafts.
+    drafted: usize,
     decoder: IncrementalDecoder,
     stop: Option<StopReason>,
     started: Instant,
@@ -323,6 +357,21 @@ impl Sequence {
     /// Tokens this sequence may occupy in its cache: prompt + answer budget.
     pub fn reserved(&self) -> usize {
         self.prompt.len() + self.max_new
+    }
+
+    /// The next decode pass's input: the last chosen token, then up to
+    /// `draft` guessed ones (never past the answer budget).
+    fn next_input(&self, draft: usize) -> Vec<u32> {
+        let last = *self.out.last().expect("decode after the first token");
+        let room = self.max_new.saturating_sub(self.out.len() + 1);
+        let history = &self.out[self.out.len().saturating_sub(draft::HISTORY)..];
+        // While the answer is shorter than a lookup, the prompt's tail
+        // (the template's opening of the answer) completes it.
+        let mut h: Vec<u32> = self.prompt[self.prompt.len().saturating_sub(draft::HISTORY - history.len())..].to_vec();
+        h.extend_from_slice(history);
+        let mut input = vec![last];
+        input.extend(draft::propose(&h, &self.previous, &self.prompt, draft.min(room), self.out.len()));
+        input
     }
 }
 

@@ -321,10 +321,20 @@ impl Transformer {
         // loops (several per layer) then split work with the other workers
         // directly, instead of each waking the pool from outside and
         // sleeping until it is done (two context switches per loop).
-        rayon::scope(|_| self.pass(steps, prompt))
+        rayon::scope(|_| self.pass(steps, prompt, None))
     }
 
-    fn pass(&self, steps: &mut [Step<'_>], prompt: bool) -> Result<Tensor> {
+    /// As [`forward_many`](Self::forward_many), returning the logits of each
+    /// step's last `tails[i]` positions, stacked in step order: a decode pass
+    /// that checks drafted tokens needs the model's choice after each of them.
+    pub fn forward_tails(&self, steps: &mut [Step<'_>], prompt: bool, tails: &[usize]) -> Result<Tensor> {
+        if tails.len() != steps.len() || tails.iter().zip(steps.iter()).any(|(&n, s)| n == 0 || n > s.tokens.len()) {
+            candle_core::bail!("forward_tails: a tail per step, each of 1 to its token count");
+        }
+        rayon::scope(|_| self.pass(steps, prompt, Some(tails)))
+    }
+
+    fn pass(&self, steps: &mut [Step<'_>], prompt: bool, tails: Option<&[usize]>) -> Result<Tensor> {
         let c = &self.cfg;
         let mut all: Vec<u32> = Vec::new();
         for s in steps.iter() {
@@ -365,9 +375,11 @@ impl Transformer {
         for s in steps.iter_mut() {
             s.cache.advance(s.tokens.len());
         }
-        // Only each step's last position needs logits: the output layer is the
-        // largest matrix and runs on one row per sequence.
-        let last: Vec<Tensor> = plans.iter().map(|p| x.narrow(0, p.row + p.t - 1, 1)).collect::<Result<_>>()?;
+        // Only each step's last positions need logits: the output layer is the
+        // largest matrix and runs on as few rows as asked.
+        let tail = |i: usize| tails.map_or(1, |t| t[i]);
+        let last: Vec<Tensor> =
+            plans.iter().enumerate().map(|(i, p)| x.narrow(0, p.row + p.t - tail(i), tail(i))).collect::<Result<_>>()?;
         let last = if last.len() == 1 { last[0].clone() } else { Tensor::cat(&last, 0)? };
         let last = candle_nn::ops::rms_norm(&last, &self.norm, c.rms_eps)?;
         self.output.forward(&last, false)

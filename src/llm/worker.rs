@@ -241,7 +241,7 @@ fn run(
             counters.decode_rows.fetch_add(view.iter().filter(|m| m.prompt_left == 0).count() as u64, Ordering::Relaxed);
         }
         // A panic inside candle must not take the model thread down with it.
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_pass(&mut llm, &mut batch, pass)))
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_pass(&mut llm, &mut batch, pass, &policy)))
             .unwrap_or_else(|_| Err(LlmError::Candle(candle_core::Error::Msg("inference panicked".into()))));
         let in_pass = |i: usize| match pass {
             Pass::Prompt { member, .. } => i == member,
@@ -306,7 +306,7 @@ impl Member {
     }
 }
 
-fn run_pass(llm: &mut Llm, batch: &mut [Member], pass: Pass) -> Result<(), LlmError> {
+fn run_pass(llm: &mut Llm, batch: &mut [Member], pass: Pass, policy: &BatchPolicy) -> Result<(), LlmError> {
     match pass {
         Pass::Prompt { member, tokens } => {
             let m = &mut batch[member];
@@ -316,7 +316,8 @@ fn run_pass(llm: &mut Llm, batch: &mut [Member], pass: Pass) -> Result<(), LlmEr
         Pass::Decode => {
             let mut members: Vec<&mut Member> = batch.iter_mut().filter(|m| m.seq.prompt_left() == 0).collect();
             let mut seqs: Vec<&mut Sequence> = members.iter_mut().map(|m| &mut m.seq).collect();
-            let pieces = llm.decode(&mut seqs)?;
+            let draft = policy.draft_per_sequence(seqs.len());
+            let pieces = llm.decode(&mut seqs, draft)?;
             for (m, p) in members.iter().zip(pieces) {
                 m.emit(p);
             }

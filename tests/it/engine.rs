@@ -158,6 +158,56 @@ fn a_grown_conversation_reuses_its_prompt_and_answers_as_a_cold_run() {
     let g3 = warm.generate(&p2, Some("t-2"), &params, |_| true).unwrap();
     assert_eq!(g3.reused_prompt_tokens, 0);
     assert_eq!(g3.text, c2.text);
+    // The same thread again: its previous answer drafts this one, and the
+    // answer is the same.
+    let g4 = warm.generate(&p2, Some("t-1"), &params, |_| true).unwrap();
+    assert_eq!(g4.text, c2.text);
+    assert!(g4.drafted_tokens * 2 > g4.generated_tokens, "{} of {} tokens drafted", g4.drafted_tokens, g4.generated_tokens);
+}
+
+/// Greedy decoding through `start`, `read_prompt` and `decode`, checking up
+/// to `draft` guessed tokens per pass; returns the tokens' text and how many
+/// were drafted.
+fn decode_with_drafts(llm: &mut Llm, p: &[u32], draft: usize, max_new_tokens: usize) -> (String, usize, usize) {
+    let params = GenerateParams { max_new_tokens, ..Default::default() };
+    let mut s = llm.start(p.to_vec(), None, params).unwrap();
+    let mut text = String::new();
+    let mut passes = 0;
+    while !s.is_done() {
+        let piece = if s.prompt_left() > 0 {
+            llm.read_prompt(&mut s, 512).unwrap()
+        } else {
+            passes += 1;
+            llm.decode(&mut [&mut s], draft).unwrap().pop().flatten()
+        };
+        text.push_str(&piece.unwrap_or_default());
+    }
+    let g = llm.finish(s).unwrap();
+    assert_eq!(text, g.text, "streamed pieces add up to the answer");
+    (g.text, g.drafted_tokens, passes)
+}
+
+/// Drafted tokens (here guessed from the thread itself) are kept only where
+/// the model's greedy choice agrees, so the answer is the one of a pass per
+/// token, in fewer passes.
+#[test]
+fn drafts_give_the_answer_of_one_pass_per_token_in_fewer_passes() {
+    let chat = "Customer: order 48213 to Rua das Flores 1200, apartamento 57, São Paulo has not arrived; \
+                tracking code BR-99371-XQ shows it stuck in Curitiba since 12 March.\n\
+                Agent: I opened ticket 5521 with the carrier for order 48213 (tracking BR-99371-XQ).\n\
+                Summarise: customer's issue, what was done, status, next step. Quote the numbers.";
+    for model in [models::FIXTURE_LLM, models::DEFAULT_SUMMARIZER] {
+        let mut llm = Llm::load(&llm_files(model), &Device::Cpu, 0).unwrap();
+        let p = prompt(&llm, chat);
+        let (plain, none, plain_passes) = decode_with_drafts(&mut llm, &p, 0, 48);
+        assert_eq!(none, 0);
+        let (drafted, n, passes) = decode_with_drafts(&mut llm, &p, 8, 48);
+        if palaver::llm::prompt_rows_exact(&Device::Cpu) {
+            assert_eq!(drafted, plain, "{model}");
+        }
+        eprintln!("{model}: {n} drafted tokens, {passes} passes against {plain_passes}");
+        assert!(n > 0 && passes < plain_passes, "{model}: {n} drafted tokens, {passes} passes against {plain_passes}");
+    }
 }
 
 #[test]
@@ -200,7 +250,7 @@ fn batched_generation_gives_each_request_the_tokens_it_gets_alone() {
 
 
 /// Where prompt rows are exact (AVX-512 VNNI: palaver's int8 GEMM for the
-/// SmolLM2 fixture, candle's repacked K-quant kernels for the 1.5B summarizer),
+/// SmolLM2 fixture, its Q4_K and Q6_K kernels for the 1.5B summarizer),
 /// a prompt read in chunks of any size, as the scheduler and prefix reuse read
 /// it, gives bit-for-bit the logits of one read whole.
 #[test]
