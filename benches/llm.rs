@@ -8,6 +8,7 @@
 //!   PALAVER_LLMS=qwen2.5-coder-0.5b-instruct RUNS=3 cargo bench --bench llm
 //!   STOCK=0 cargo bench --bench llm               # palaver only
 //!   DECODE_ONLY=200 cargo bench --bench llm       # decode steps only (profiling)
+//!   PASS_ROWS=1 cargo bench --bench llm           # cost of a pass by its rows (drafts)
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
@@ -127,6 +128,27 @@ fn main() {
         let files = models::resolve_llm(name, &dir, &HubOptions::default()).expect("resolve");
         let llm = Llm::load(&files, &Device::Cpu, 0).unwrap();
         let tokens = llm.tokenizer().encode(text.as_str(), false).unwrap().get_ids()[..1100].to_vec();
+        if std::env::var("PASS_ROWS").is_ok() {
+            // Cost of a decode pass that checks drafted tokens: r rows at
+            // once after a 512-token context, against one row.
+            let m = llm.transformer();
+            let mut cache = m.new_cache();
+            m.forward(&tokens[..512], &mut cache).unwrap();
+            let mut one = 0.0;
+            for r in [1usize, 2, 3, 4, 5, 7, 9, 13, 17] {
+                let t = Instant::now();
+                for i in 0..16 {
+                    m.forward(&tokens[512 + i..512 + i + r], &mut cache).unwrap();
+                    cache.truncate(512);
+                }
+                let ms = t.elapsed().as_secs_f64() * 1e3 / 16.0;
+                if r == 1 {
+                    one = ms;
+                }
+                println!("| {name} | pass of {r} rows | {ms:.1} ms | {:.2}x one row |", ms / one);
+            }
+            continue;
+        }
         if let Some(n) = std::env::var("DECODE_ONLY").ok().and_then(|s| s.parse::<usize>().ok()) {
             // For profilers: n decode steps after a 16-token context, nothing else.
             let mut e = Own { llm: &llm, cache: llm.transformer().new_cache() };

@@ -7,6 +7,7 @@
 //! on 2 cores, and criterion's minimum of 10 samples would take an hour.
 //!
 //!   cargo bench --bench summarize                 # default summarizer
+//!   PALAVER_MAX_DRAFT=0 cargo bench --bench summarize   # without drafted decoding
 //!   PALAVER_SUMMARIZER=qwen2.5-coder-0.5b-instruct cargo bench --bench summarize
 
 use palaver::eval::TweetSummDialog;
@@ -19,7 +20,7 @@ use std::time::Instant;
 /// The helpdesk case: the thread was summarised, a customer message arrived,
 /// the agent opens it again.
 async fn resummarise(s: &Summarizer, input: &SummarizeInput, runs: usize, cold_latency: f64) {
-    let (mut lat, mut prompt_ms, mut reused, mut total) = (vec![], vec![], 0, 0);
+    let (mut lat, mut prompt_ms, mut gen_ms, mut reused, mut total, mut generated, mut drafted) = (vec![], vec![], vec![], 0, 0, 0, 0);
     for i in 0..runs {
         let mut x = input.clone();
         x.thread.id = format!("grow-{i}");
@@ -32,14 +33,26 @@ async fn resummarise(s: &Summarizer, input: &SummarizeInput, runs: usize, cold_l
         let r = s.summarize(x, None).await.unwrap();
         lat.push(t.elapsed().as_secs_f64());
         prompt_ms.push(r.timings.prompt_ms);
+        gen_ms.push(r.timings.generation_ms);
         (reused, total) = (r.timings.reused_prompt_tokens, r.timings.prompt_tokens);
+        (generated, drafted) = (r.timings.generated_tokens, r.timings.drafted_tokens);
     }
     let l = median(lat);
     println!(
-        "| ~1000 tokens + one new message, same thread id | {total} ({reused} reused) | | {l:.1} ({:.1}x faster than cold) | prompt {:.0} ms | |",
+        "| ~1000 tokens + one new message, same thread id | {total} ({reused} reused) | {generated} ({drafted} drafted) | {l:.1} ({:.1}x faster than cold) | prompt {:.0} ms | generation {:.0} ms |",
         cold_latency / l,
-        median(prompt_ms)
+        median(prompt_ms),
+        median(gen_ms)
     );
+}
+
+/// The default policy, with `PALAVER_MAX_DRAFT` if set.
+fn batch_policy() -> palaver::llm::batching::BatchPolicy {
+    let mut p = palaver::llm::batching::BatchPolicy::default();
+    if let Some(n) = std::env::var("PALAVER_MAX_DRAFT").ok().and_then(|s| s.parse().ok()) {
+        p.max_draft = n;
+    }
+    p
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -63,7 +76,7 @@ fn main() {
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
-        let llm = LlmHandle::spawn(files, candle_core::Device::Cpu, palaver::llm::LlmOptions { prefix_cache_bytes: Some(256 << 20), ..Default::default() }).unwrap();
+        let llm = LlmHandle::spawn(files, candle_core::Device::Cpu, palaver::llm::LlmOptions { prefix_cache_bytes: Some(256 << 20), batch: batch_policy() }).unwrap();
         llm.wait_loaded().await;
         let cfg = SummarizeConfig { faithfulness_retries: 0, ..SummarizeConfig::default() };
         let s = Summarizer::new(llm.clone(), cfg);
@@ -80,17 +93,17 @@ fn main() {
             };
             let _ = s.summarize(cold(runs), None).await.unwrap();
             let (mut lat, mut pps, mut gps) = (vec![], vec![], vec![]);
-            let (mut pt, mut gt) = (0, 0);
+            let (mut pt, mut gt, mut dt) = (0, 0, 0);
             for i in 0..runs {
                 let t = Instant::now();
                 let r = s.summarize(cold(i), None).await.unwrap();
                 lat.push(t.elapsed().as_secs_f64());
                 pps.push(r.timings.prompt_tokens as f64 * 1e3 / r.timings.prompt_ms);
                 gps.push(r.timings.generated_tokens as f64 * 1e3 / r.timings.generation_ms.max(1.0));
-                (pt, gt) = (r.timings.prompt_tokens, r.timings.generated_tokens);
+                (pt, gt, dt) = (r.timings.prompt_tokens, r.timings.generated_tokens, r.timings.drafted_tokens);
             }
             let cold_latency = median(lat.clone());
-            println!("| ~{target} tokens | {pt} | {gt} | {cold_latency:.1} | {:.1} | {:.1} |", median(pps), median(gps));
+            println!("| ~{target} tokens | {pt} | {gt} ({dt} drafted) | {cold_latency:.1} | {:.1} | {:.1} |", median(pps), median(gps));
             if target == 1000 {
                 resummarise(&s, &input, runs, cold_latency).await;
             }

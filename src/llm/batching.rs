@@ -26,11 +26,12 @@ pub struct BatchPolicy {
     pub prompt_passes_per_decode: usize,
     /// Drafted tokens a sequence may check per decode pass (0: none). Each
     /// accepted one is a token without a pass of its own; each rejected one
-    /// costs a row of compute.
+    /// costs a row of compute. On 2 cores a pass of 5 rows costs 1.5x (0.5B)
+    /// to 1.7x (1.5B) a pass of one, of 9 rows 2.1x to 3x (BENCHMARKS.md).
     pub max_draft: usize,
     /// Rows a decode pass may hold with drafts: alone, a sequence checks
     /// `max_draft` tokens for little more than the cost of one (reading the
-    /// weights dominates); in a full batch the rows already share that read,
+    /// weights dominates); in a fuller batch the rows already share that read,
     /// and drafts would make the pass compute-bound.
     pub decode_rows: usize,
 }
@@ -42,8 +43,8 @@ impl Default for BatchPolicy {
             max_batch_tokens: 16_384,
             prompt_chunk: 512,
             prompt_passes_per_decode: 1,
-            max_draft: 8,
-            decode_rows: 16,
+            max_draft: 4,
+            decode_rows: 6,
         }
     }
 }
@@ -174,6 +175,7 @@ mod tests {
     #[test]
     fn drafts_shrink_as_the_batch_fills() {
         let p = BatchPolicy { max_draft: 8, decode_rows: 16, ..Default::default() };
+        assert_eq!(BatchPolicy::default().draft_per_sequence(4), 0, "by default four or more generate without drafts");
         assert_eq!(p.draft_per_sequence(1), 8, "alone: the full draft");
         assert_eq!(p.draft_per_sequence(2), 7, "two sequences of 8 rows");
         assert_eq!(p.draft_per_sequence(4), 3);

@@ -15,9 +15,10 @@
 const MAX_NGRAM: usize = 4;
 /// Recent tokens a caller needs to pass as `history`.
 pub const HISTORY: usize = MAX_NGRAM;
-/// In the prompt, one recent token alone matches too much to be a useful
-/// guess; in the previous answer, position disambiguates it.
-const MIN_NGRAM_PROMPT: usize = 2;
+/// In the prompt, a short run matches too much to be a useful guess (a
+/// summary rephrases more than it copies); in the previous answer, position
+/// disambiguates it.
+const MIN_NGRAM_PROMPT: usize = 3;
 
 /// Up to `max` tokens guessed to follow `history` (the prompt's tail and the
 /// answer so far, last token included): first from `previous` (an earlier
@@ -74,12 +75,12 @@ mod tests {
 
     #[test]
     fn falls_back_to_the_latest_mention_in_the_prompt() {
-        let prompt = [5, 6, 7, 8, 0, 5, 6, 9, 4];
-        assert_eq!(propose(&[3, 5, 6], &[], &prompt, 2, 0), vec![9, 4]);
-        // A single token is not looked up in the prompt.
-        assert!(propose(&[3, 8], &[], &prompt, 2, 0).is_empty());
+        let prompt = [5, 6, 7, 8, 0, 5, 6, 1, 9, 4, 5, 6, 1, 2, 3];
+        assert_eq!(propose(&[3, 5, 6, 1], &[], &prompt, 2, 0), vec![2, 3]);
+        // Two tokens alone are not looked up in the prompt.
+        assert!(propose(&[3, 5, 6], &[], &prompt, 2, 0).is_empty());
         // A match at the very end has nothing after it.
-        assert!(propose(&[9, 4], &[], &prompt, 2, 0).is_empty());
+        assert!(propose(&[7, 1, 2, 3], &[], &prompt, 2, 0).is_empty());
     }
 
     #[test]

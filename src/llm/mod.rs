@@ -202,6 +202,7 @@ impl Llm {
             out: Vec::new(),
             previous,
             drafted: 0,
+            draft_len: usize::MAX,
             decoder: IncrementalDecoder::default(),
             stop: None,
             started: Instant::now(),
@@ -233,7 +234,7 @@ impl Llm {
     /// its greedy choice agrees with, so a pass may give it several tokens,
     /// the same ones as one pass each. Returns each one's new text.
     pub fn decode(&mut self, seqs: &mut [&mut Sequence], draft: usize) -> Result<Vec<Option<String>>, LlmError> {
-        let inputs: Vec<Vec<u32>> = seqs.iter().map(|s| s.next_input(draft)).collect();
+        let inputs: Vec<Vec<u32>> = seqs.iter().map(|s| s.next_input(draft.min(s.draft_len))).collect();
         let tails: Vec<usize> = inputs.iter().map(Vec::len).collect();
         let mut steps: Vec<Step> =
             seqs.iter_mut().zip(&inputs).map(|(s, t)| Step { tokens: t, cache: &mut s.cache }).collect();
@@ -261,6 +262,15 @@ impl Llm {
             // Positions past the last kept input were computed for rejected
             // guesses: they leave the cache.
             s.cache.truncate(start + used);
+            // A draft kept whole may grow by one; one cut short shrinks to
+            // what was kept, so a source that guesses badly stops costing
+            // rows (the next guess is one token, and none after a miss).
+            let (offered, kept) = (input.len() - 1, used - 1);
+            if offered > 0 {
+                s.draft_len = if kept == offered { offered + 1 } else { kept };
+            } else if s.draft_len == 0 {
+                s.draft_len = 1;
+            }
             row += input.len();
             pieces.push(text);
         }
@@ -338,6 +348,8 @@ pub struct Sequence {
     previous: Vec<u32>,
     /// Tokens of `out` that came from accepted drafts.
     drafted: usize,
+    /// Longest draft to offer next: follows how much of the last was kept.
+    draft_len: usize,
     decoder: IncrementalDecoder,
     stop: Option<StopReason>,
     started: Instant,

@@ -113,6 +113,7 @@ pub fn to_response(s: Summary) -> pb::SummarizeResponse {
             prompt_tokens: t.prompt_tokens as u32,
             generated_tokens: t.generated_tokens as u32,
             reused_prompt_tokens: t.reused_prompt_tokens as u32,
+            drafted_tokens: t.drafted_tokens as u32,
         }),
         model: s.model,
         timings: Some(pb::Timings {

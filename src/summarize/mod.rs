@@ -111,6 +111,8 @@ pub struct Timings {
     pub prompt_tokens_processed: usize,
     /// Generated over all attempts.
     pub generated_tokens: usize,
+    /// Of those, tokens from confirmed drafts (no decode pass of their own).
+    pub drafted_tokens: usize,
     /// Generations run: 1, or more when the faithfulness check asked for another.
     pub attempts: u32,
 }
@@ -125,6 +127,7 @@ impl Timings {
         self.reused_prompt_tokens = g.reused_prompt_tokens;
         self.prompt_tokens_processed += g.prompt_tokens - g.reused_prompt_tokens;
         self.generated_tokens += g.generated_tokens;
+        self.drafted_tokens += g.drafted_tokens;
         self.attempts += 1;
     }
 }
