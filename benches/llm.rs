@@ -117,6 +117,10 @@ fn main() {
     let names = std::env::var("PALAVER_LLMS").unwrap_or_else(|_| "qwen2.5-coder-0.5b-instruct,qwen2.5-coder-1.5b-instruct".into());
     let runs: usize = std::env::var("RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let with_stock = std::env::var("STOCK").map(|v| v != "0").unwrap_or(true);
+    // As the service does (`KEEP_FREED=0`: glibc's defaults).
+    if std::env::var("KEEP_FREED").map(|v| v != "0").unwrap_or(true) {
+        palaver::cpu::keep_freed_memory();
+    }
     let dir = std::env::var_os("PALAVER_MODELS_DIR").map(Into::into).unwrap_or_else(models::default_models_dir);
     // Real text, so that attention sees a realistic spread of tokens.
     let text = std::fs::read_to_string("../shared/data/summaries/tweetsumm_train.jsonl").expect("TweetSumm data beside the repo");

@@ -61,6 +61,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    palaver::cpu::keep_freed_memory();
     let name = std::env::var("PALAVER_SUMMARIZER").unwrap_or_else(|_| models::DEFAULT_SUMMARIZER.into());
     let runs: usize = std::env::var("RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let dir = std::env::var_os("PALAVER_MODELS_DIR").map(Into::into).unwrap_or_else(models::default_models_dir);

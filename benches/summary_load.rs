@@ -38,6 +38,7 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    palaver::cpu::keep_freed_memory();
     let summarizer = std::env::var("PALAVER_SUMMARIZER").unwrap_or_else(|_| models::DEFAULT_SUMMARIZER.into());
     let clients: usize = std::env::var("CLIENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
     let tokens: usize = std::env::var("TOKENS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
