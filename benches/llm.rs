@@ -7,7 +7,7 @@
 //!   cargo bench --bench llm                       # both Qwen2.5 models
 //!   PALAVER_LLMS=qwen2.5-coder-0.5b-instruct RUNS=3 cargo bench --bench llm
 //!   STOCK=0 cargo bench --bench llm               # palaver only
-//!   DECODE_ONLY=200 cargo bench --bench llm       # decode steps only (profiling)
+//!   DECODE_ONLY=200 [CONTEXT=1024] cargo bench --bench llm   # decode steps only (profiling)
 //!   PASS_ROWS=1 cargo bench --bench llm           # cost of a pass by its rows (drafts)
 
 use candle_core::quantized::gguf_file;
@@ -154,12 +154,13 @@ fn main() {
             continue;
         }
         if let Some(n) = std::env::var("DECODE_ONLY").ok().and_then(|s| s.parse::<usize>().ok()) {
-            // For profilers: n decode steps after a 16-token context, nothing else.
+            // For profilers: n decode steps after a CONTEXT-token (16) context, nothing else.
+            let ctx: usize = std::env::var("CONTEXT").ok().and_then(|s| s.parse().ok()).unwrap_or(16);
             let mut e = Own { llm: &llm, cache: llm.transformer().new_cache() };
-            let mut logits = e.feed(&tokens[..16], 0);
+            let mut logits = e.feed(&tokens[..ctx], 0);
             let t = Instant::now();
             for i in 0..n {
-                logits = e.feed(&[argmax(&logits).unwrap()], 16 + i);
+                logits = e.feed(&[argmax(&logits).unwrap()], ctx + i);
             }
             println!("| {name} | palaver decode only | | | {:.1} | |", n as f64 / t.elapsed().as_secs_f64());
             continue;

@@ -43,7 +43,9 @@ impl SeqCache {
         self.pending = 0;
     }
 
-    fn reserve(&mut self, need: usize) -> Result<()> {
+    /// Room for `need` positions, so that a sequence whose length is known
+    /// up front (prompt + answer budget) never copies its cache to grow.
+    pub fn reserve(&mut self, need: usize) -> Result<()> {
         if need <= self.cap {
             return Ok(());
         }

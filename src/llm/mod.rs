@@ -191,6 +191,9 @@ impl Llm {
             }
         };
         let max_new = params.max_new_tokens.min(context - prompt.len());
+        // Drafts never reach past the answer budget (`next_input`), so the
+        // cache is sized once here and never copied to grow mid-answer.
+        cache.reserve(prompt.len() + max_new)?;
         Ok(Sequence {
             read: reused,
             reused,
