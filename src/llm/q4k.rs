@@ -186,41 +186,67 @@ impl PackedQ4K {
     }
 }
 
-impl Tiled for PackedQ4K {
+/// A weight in super-blocks of 256 multiplied by [`Q8KRows`]: its vector
+/// micro-kernel for 1 to 4 rows and its scalar reference. Q4_K and Q6_K
+/// share the rest ([`Tiled`]).
+pub(super) trait SuperBlocks: Sync {
+    fn shape(&self) -> (usize, usize);
+    fn scalar_row(&self, xq: &Q8KRows, r: usize, t: usize, out: &mut [f32]);
+    /// # Safety
+    /// AVX-512 VNNI present; `out` holds `R` rows (stride `n`) of `cols` floats.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn vector<const R: usize>(&self, xq: &Q8KRows, r: usize, t: usize, out: *mut f32, cols: usize);
+}
+
+impl<W: SuperBlocks> Tiled for W {
     type Rows = Q8KRows;
     fn n(&self) -> usize {
-        self.n
+        self.shape().0
     }
     fn k(&self) -> usize {
-        self.k
+        self.shape().1
     }
     fn quantize(&self, x: &[f32], rows: usize) -> Q8KRows {
-        Q8KRows::new(x, rows, self.k)
+        Q8KRows::new(x, rows, self.k())
     }
     unsafe fn tile(&self, xq: &Q8KRows, t: usize, out: *mut f32, fast: bool) {
-        let cols = TILE.min(self.n - t * TILE);
+        let n = self.n();
+        let cols = TILE.min(n - t * TILE);
         let out = out.add(t * TILE);
         let mut r = 0;
         while r < xq.rows {
             let rows = 4.min(xq.rows - r);
-            let dst = out.add(r * self.n);
+            let dst = out.add(r * n);
             #[cfg(target_arch = "x86_64")]
             if fast {
                 match rows {
-                    4 => avx512::tile::<4>(self, xq, r, t, dst, cols),
-                    3 => avx512::tile::<3>(self, xq, r, t, dst, cols),
-                    2 => avx512::tile::<2>(self, xq, r, t, dst, cols),
-                    _ => avx512::tile::<1>(self, xq, r, t, dst, cols),
+                    4 => self.vector::<4>(xq, r, t, dst, cols),
+                    3 => self.vector::<3>(xq, r, t, dst, cols),
+                    2 => self.vector::<2>(xq, r, t, dst, cols),
+                    _ => self.vector::<1>(xq, r, t, dst, cols),
                 }
                 r += rows;
                 continue;
             }
             let _ = fast;
             for i in 0..rows {
-                self.scalar_row(xq, r + i, t, std::slice::from_raw_parts_mut(dst.add(i * self.n), cols));
+                self.scalar_row(xq, r + i, t, std::slice::from_raw_parts_mut(dst.add(i * n), cols));
             }
             r += rows;
         }
+    }
+}
+
+impl SuperBlocks for PackedQ4K {
+    fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+    fn scalar_row(&self, xq: &Q8KRows, r: usize, t: usize, out: &mut [f32]) {
+        PackedQ4K::scalar_row(self, xq, r, t, out)
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn vector<const R: usize>(&self, xq: &Q8KRows, r: usize, t: usize, out: *mut f32, cols: usize) {
+        avx512::tile::<R>(self, xq, r, t, out, cols)
     }
 }
 
@@ -307,18 +333,11 @@ mod avx512 {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use crate::llm::qgemm::tests::{rows_are_independent, vector_equals_scalar};
     use candle_core::quantized::QMatMul;
     use candle_core::{Device, Module, Tensor};
 
-    pub(crate) fn rnd(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    pub(crate) use crate::llm::qgemm::tests::rnd;
 
     pub(crate) fn cosine(a: &[f32], b: &[f32]) -> f64 {
         let (mut d, mut x, mut y) = (0f64, 0f64, 0f64);
@@ -361,47 +380,34 @@ pub(super) mod tests {
         }
     }
 
-    #[test]
-    fn agrees_with_candles_q4k_matmul() {
-        let (m, n, k) = (4, 64, 512);
-        let w = q4k(n, k, 3);
-        let x = rnd(m * k, 9);
-        let ours = PackedQ4K::new(&w).unwrap().matmul(&x, m);
-        let xt = Tensor::new(x.as_slice(), &Device::Cpu).unwrap().reshape((m, k)).unwrap();
+    /// `p` (repacked from `w`) against candle's own quantized matmul of `w`:
+    /// same format, different activation rounding, so within it.
+    pub(crate) fn agrees_with_candle<P: Tiled>(p: &P, w: QTensor, m: usize) {
+        let x = rnd(m * p.k(), 9);
+        let ours = crate::llm::qgemm::matmul_tiled(p, &x, m);
+        let xt = Tensor::new(x.as_slice(), &Device::Cpu).unwrap().reshape((m, p.k())).unwrap();
         let theirs: Vec<f32> = QMatMul::from_qtensor(w).unwrap().forward(&xt).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let cos = cosine(&ours, &theirs);
         assert!(cos > 0.9999, "cosine {cos}");
     }
 
     #[test]
+    fn agrees_with_candles_q4k_matmul() {
+        let w = q4k(64, 512, 3);
+        agrees_with_candle(&PackedQ4K::new(&w).unwrap(), w, 4);
+    }
+
+    #[test]
     fn vector_kernel_equals_scalar_bit_for_bit() {
-        if !crate::cpu::avx512_vnni() {
-            eprintln!("no AVX-512 VNNI on this CPU: only the scalar path is tested");
-            return;
-        }
         for (m, n, k) in SHAPES {
-            let p = PackedQ4K::new(&q4k(n, k, 5 + m as u64)).unwrap();
-            let x = rnd(m * k, 3 + k as u64);
-            let fast = p.matmul(&x, m);
-            let xq = Q8KRows::new(&x, m, k);
-            let mut slow = vec![0f32; m * n];
-            for t in 0..n.div_ceil(TILE) {
-                unsafe { p.tile(&xq, t, slow.as_mut_ptr(), false) };
-            }
-            assert_eq!(fast, slow, "{m}x{n}x{k}");
+            vector_equals_scalar(&PackedQ4K::new(&q4k(n, k, 5 + m as u64)).unwrap(), &rnd(m * k, 3 + k as u64), m);
         }
     }
 
     #[test]
     fn a_row_does_not_depend_on_the_rows_beside_it() {
         let (m, n, k) = (70, 96, 512);
-        let p = PackedQ4K::new(&q4k(n, k, 13)).unwrap();
-        let x = rnd(m * k, 11);
-        let all = p.matmul(&x, m);
-        for r in [0, 3, 64, 69] {
-            assert_eq!(p.matmul(&x[r * k..(r + 1) * k], 1), all[r * n..(r + 1) * n], "row {r}");
-        }
-        assert_eq!(p.matmul(&x[5 * k..], m - 5), all[5 * n..]);
+        rows_are_independent(&PackedQ4K::new(&q4k(n, k, 13)).unwrap(), &rnd(m * k, 11), m);
     }
 
     #[test]

@@ -15,8 +15,8 @@
 //! is scaled once by `d·dx`. Integers are exact, so the vector and scalar
 //! kernels agree bit for bit.
 
-use super::q4k::{Q8KRows, QK};
-use super::qgemm::{matmul_tiled, Tiled, TILE};
+use super::q4k::{Q8KRows, SuperBlocks, QK};
+use super::qgemm::{matmul_tiled, TILE};
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 use rayon::prelude::*;
@@ -143,41 +143,16 @@ impl PackedQ6K {
     }
 }
 
-impl Tiled for PackedQ6K {
-    type Rows = Q8KRows;
-    fn n(&self) -> usize {
-        self.n
+impl SuperBlocks for PackedQ6K {
+    fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
     }
-    fn k(&self) -> usize {
-        self.k
+    fn scalar_row(&self, xq: &Q8KRows, r: usize, t: usize, out: &mut [f32]) {
+        PackedQ6K::scalar_row(self, xq, r, t, out)
     }
-    fn quantize(&self, x: &[f32], rows: usize) -> Q8KRows {
-        Q8KRows::new(x, rows, self.k)
-    }
-    unsafe fn tile(&self, xq: &Q8KRows, t: usize, out: *mut f32, fast: bool) {
-        let cols = TILE.min(self.n - t * TILE);
-        let out = out.add(t * TILE);
-        let mut r = 0;
-        while r < xq.rows {
-            let rows = 4.min(xq.rows - r);
-            let dst = out.add(r * self.n);
-            #[cfg(target_arch = "x86_64")]
-            if fast {
-                match rows {
-                    4 => avx512::tile::<4>(self, xq, r, t, dst, cols),
-                    3 => avx512::tile::<3>(self, xq, r, t, dst, cols),
-                    2 => avx512::tile::<2>(self, xq, r, t, dst, cols),
-                    _ => avx512::tile::<1>(self, xq, r, t, dst, cols),
-                }
-                r += rows;
-                continue;
-            }
-            let _ = fast;
-            for i in 0..rows {
-                self.scalar_row(xq, r + i, t, std::slice::from_raw_parts_mut(dst.add(i * self.n), cols));
-            }
-            r += rows;
-        }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn vector<const R: usize>(&self, xq: &Q8KRows, r: usize, t: usize, out: *mut f32, cols: usize) {
+        avx512::tile::<R>(self, xq, r, t, out, cols)
     }
 }
 
@@ -253,9 +228,9 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::llm::q4k::tests::{cosine, rnd, SHAPES};
-    use candle_core::quantized::QMatMul;
-    use candle_core::{Device, Module, Tensor};
+    use crate::llm::q4k::tests::{agrees_with_candle, cosine, rnd, SHAPES};
+    use crate::llm::qgemm::tests::{rows_are_independent, vector_equals_scalar};
+    use candle_core::{Device, Tensor};
 
     fn q6k(n: usize, k: usize, seed: u64) -> QTensor {
         let w = Tensor::new(rnd(n * k, seed), &Device::Cpu).unwrap().reshape((n, k)).unwrap();
@@ -281,45 +256,21 @@ mod tests {
 
     #[test]
     fn agrees_with_candles_q6k_matmul() {
-        let (m, n, k) = (3, 64, 512);
-        let w = q6k(n, k, 3);
-        let x = rnd(m * k, 9);
-        let ours = PackedQ6K::new(&w).unwrap().matmul(&x, m);
-        let xt = Tensor::new(x.as_slice(), &Device::Cpu).unwrap().reshape((m, k)).unwrap();
-        let theirs: Vec<f32> = QMatMul::from_qtensor(w).unwrap().forward(&xt).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let cos = cosine(&ours, &theirs);
-        assert!(cos > 0.9999, "cosine {cos}");
+        let w = q6k(64, 512, 3);
+        agrees_with_candle(&PackedQ6K::new(&w).unwrap(), w, 3);
     }
 
     #[test]
     fn vector_kernel_equals_scalar_bit_for_bit() {
-        if !crate::cpu::avx512_vnni() {
-            eprintln!("no AVX-512 VNNI on this CPU: only the scalar path is tested");
-            return;
-        }
         for (m, n, k) in SHAPES {
-            let p = PackedQ6K::new(&q6k(n, k, 5 + m as u64)).unwrap();
-            let x = rnd(m * k, 3 + k as u64);
-            let fast = p.matmul(&x, m);
-            let xq = Q8KRows::new(&x, m, k);
-            let mut slow = vec![0f32; m * n];
-            for t in 0..n.div_ceil(TILE) {
-                unsafe { p.tile(&xq, t, slow.as_mut_ptr(), false) };
-            }
-            assert_eq!(fast, slow, "{m}x{n}x{k}");
+            vector_equals_scalar(&PackedQ6K::new(&q6k(n, k, 5 + m as u64)).unwrap(), &rnd(m * k, 3 + k as u64), m);
         }
     }
 
     #[test]
     fn a_row_does_not_depend_on_the_rows_beside_it() {
         let (m, n, k) = (70, 96, 512);
-        let p = PackedQ6K::new(&q6k(n, k, 13)).unwrap();
-        let x = rnd(m * k, 11);
-        let all = p.matmul(&x, m);
-        for r in [0, 3, 64, 69] {
-            assert_eq!(p.matmul(&x[r * k..(r + 1) * k], 1), all[r * n..(r + 1) * n], "row {r}");
-        }
-        assert_eq!(p.matmul(&x[5 * k..], m - 5), all[5 * n..]);
+        rows_are_independent(&PackedQ6K::new(&q6k(n, k, 13)).unwrap(), &rnd(m * k, 11), m);
     }
 
     #[test]

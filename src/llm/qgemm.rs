@@ -311,10 +311,38 @@ pub(super) mod avx512 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn rnd(len: usize, seed: u64) -> Vec<f32> {
+    /// The vector kernel against the scalar one on `m` rows of `x`: bit for bit.
+    pub(crate) fn vector_equals_scalar<P: Tiled>(p: &P, x: &[f32], m: usize) {
+        if !crate::cpu::avx512_vnni() {
+            eprintln!("no AVX-512 VNNI on this CPU: only the scalar path is tested");
+            return;
+        }
+        let (n, k) = (p.n(), p.k());
+        let fast = matmul_tiled(p, x, m);
+        let xq = p.quantize(x, m);
+        let mut slow = vec![0f32; m * n];
+        for t in 0..n.div_ceil(TILE) {
+            unsafe { p.tile(&xq, t, slow.as_mut_ptr(), false) };
+        }
+        assert_eq!(fast, slow, "{m}x{n}x{k}");
+    }
+
+    /// Each row of `m` (at least 70) gives the same result alone, among a
+    /// tile's rows or after other rows: what makes chunked prompts, reused
+    /// prefixes and batched decoding exact.
+    pub(crate) fn rows_are_independent<P: Tiled>(p: &P, x: &[f32], m: usize) {
+        let (n, k) = (p.n(), p.k());
+        let all = matmul_tiled(p, x, m);
+        for r in [0, 3, 64, 69] {
+            assert_eq!(matmul_tiled(p, &x[r * k..(r + 1) * k], 1), all[r * n..(r + 1) * n], "row {r}");
+        }
+        assert_eq!(matmul_tiled(p, &x[5 * k..], m - 5), all[5 * n..]);
+    }
+
+    pub(crate) fn rnd(len: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..len)
             .map(|_| {
@@ -361,20 +389,9 @@ mod tests {
 
     #[test]
     fn vector_kernel_equals_scalar_bit_for_bit() {
-        if !crate::cpu::avx512_vnni() {
-            eprintln!("no AVX-512 VNNI on this CPU: only the scalar path is tested");
-            return;
-        }
         for (m, n, k) in SHAPES {
             let (x, w) = (rnd(m * k, 3 + k as u64), rnd(n * k, 5 + m as u64));
-            let p = PackedWeight::from_f32(&w, n, k);
-            let fast = p.matmul(&x, m);
-            let xq = QuantRows::new(&x, m, k);
-            let mut slow = vec![0f32; m * n];
-            for t in 0..n.div_ceil(TILE) {
-                unsafe { p.tile(&xq, t, slow.as_mut_ptr(), false) };
-            }
-            assert_eq!(fast, slow, "{m}x{n}x{k}");
+            vector_equals_scalar(&PackedWeight::from_f32(&w, n, k), &x, m);
         }
     }
 
@@ -382,14 +399,7 @@ mod tests {
     fn a_row_does_not_depend_on_the_rows_beside_it() {
         let (m, n, k) = (70, 96, 128);
         let (x, w) = (rnd(m * k, 11), rnd(n * k, 13));
-        let p = PackedWeight::from_f32(&w, n, k);
-        let all = p.matmul(&x, m);
-        for r in [0, 3, 64, 69] {
-            let one = p.matmul(&x[r * k..(r + 1) * k], 1);
-            assert_eq!(one, all[r * n..(r + 1) * n], "row {r}");
-        }
-        let tail = p.matmul(&x[5 * k..], m - 5);
-        assert_eq!(tail, all[5 * n..]);
+        rows_are_independent(&PackedWeight::from_f32(&w, n, k), &x, m);
     }
 
     #[test]
