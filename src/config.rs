@@ -152,6 +152,13 @@ pub struct SummarizeArgs {
     #[arg(long, env = "PALAVER_PROMPT_CHUNK", default_value_t = BatchPolicy::default().prompt_chunk)]
     pub prompt_chunk: usize,
 
+    /// Share of the model's time given to the summaries already generating
+    /// while new prompts wait (0 to 0.95). Higher: the first summaries of a
+    /// burst finish sooner, the later ones start generating later; 0 gives one
+    /// decode step per prompt chunk, so a burst all finishes at its end.
+    #[arg(long, env = "PALAVER_DECODE_SHARE", default_value_t = BatchPolicy::default().decode_share)]
+    pub decode_share: f32,
+
     /// Tokens guessed ahead (from the thread and the thread's previous
     /// summary) and checked in the same decode pass; the summary is the same
     /// token for token, only sooner. 0 turns drafting off. Longer drafts pay
@@ -175,6 +182,7 @@ impl SummarizeArgs {
                 max_sequences: self.max_batch_sequences.max(1),
                 max_batch_tokens: self.max_batch_tokens,
                 prompt_chunk: self.prompt_chunk.max(1),
+                decode_share: self.decode_share.clamp(0.0, 0.95),
                 max_draft: self.max_draft,
                 decode_rows: self.decode_rows,
                 ..BatchPolicy::default()

@@ -8,8 +8,9 @@
 //! two in one pass would make a sequence's numbers depend on its neighbours.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BatchPolicy {
     /// Sequences in the batch at once. More share each decode step's weight
     /// reads (higher throughput) but each step takes longer (slower tokens for
@@ -24,6 +25,14 @@ pub struct BatchPolicy {
     /// Prompt passes allowed between two decode steps while sequences are
     /// generating: a long new prompt delays others' next token by at most this.
     pub prompt_passes_per_decode: usize,
+    /// Share of the model's time that goes to decode steps while prompts are
+    /// also waiting (0 to 1). A prompt chunk takes seconds and a decode step a
+    /// few tens of ms, so one step per chunk starves the summaries already
+    /// generating: all of a burst would finish together at its end. With
+    /// 0.5, after each chunk decode steps run for as long as the chunk took;
+    /// the first summaries of a burst finish early and the last no later
+    /// than the total work allows.
+    pub decode_share: f32,
     /// Drafted tokens a sequence may check per decode pass (0: none). Each
     /// accepted one is a token without a pass of its own; each rejected one
     /// costs a row of compute. On 2 cores a pass of 5 rows costs 1.5x (0.5B)
@@ -43,6 +52,7 @@ impl Default for BatchPolicy {
             max_batch_tokens: 16_384,
             prompt_chunk: 512,
             prompt_passes_per_decode: 1,
+            decode_share: 0.5,
             max_draft: 4,
             decode_rows: 6,
         }
@@ -71,6 +81,9 @@ pub struct Member {
 #[derive(Debug, Default)]
 pub struct Scheduler {
     prompt_passes_since_decode: usize,
+    /// Decode time owed to the generating sequences for the prompt passes
+    /// that ran while they waited.
+    owed: Duration,
 }
 
 impl BatchPolicy {
@@ -110,6 +123,7 @@ impl Scheduler {
         // Oldest member still reading its prompt: prompts are read in arrival order.
         let reading = members.iter().position(|m| m.prompt_left > 0);
         let pass = match reading {
+            Some(_) if generating && !self.owed.is_zero() => Pass::Decode,
             Some(i) if !generating || self.prompt_passes_since_decode < policy.prompt_passes_per_decode => {
                 Pass::Prompt { member: i, tokens: members[i].prompt_left.min(policy.prompt_chunk.max(1)) }
             }
@@ -120,7 +134,23 @@ impl Scheduler {
             Pass::Prompt { .. } => self.prompt_passes_since_decode += 1,
             Pass::Decode => self.prompt_passes_since_decode = 0,
         }
+        if reading.is_none() || !generating {
+            self.owed = Duration::ZERO; // nothing to balance
+        }
         Some(pass)
+    }
+
+    /// Accounts a pass that took `took`, given whether sequences were
+    /// generating during it.
+    pub fn record(&mut self, policy: &BatchPolicy, pass: Pass, took: Duration, generating: bool) {
+        match pass {
+            Pass::Prompt { .. } if generating => {
+                let share = policy.decode_share.clamp(0.0, 0.95);
+                self.owed += took.mul_f32(share / (1.0 - share));
+            }
+            Pass::Prompt { .. } => {}
+            Pass::Decode => self.owed = self.owed.saturating_sub(took),
+        }
     }
 }
 
@@ -183,6 +213,39 @@ mod tests {
         assert_eq!(p.draft_per_sequence(16), 0, "a full pass checks no drafts");
         assert_eq!(p.draft_per_sequence(0), 0);
         assert_eq!(BatchPolicy { max_draft: 0, ..p }.draft_per_sequence(1), 0, "drafting off");
+    }
+
+    #[test]
+    fn decode_steps_get_their_share_of_time_while_prompts_wait() {
+        let p = BatchPolicy { prompt_passes_per_decode: 1, decode_share: 0.5, ..Default::default() };
+        let mut s = Scheduler::default();
+        let m = [generating(), reading(5000)];
+        let ms = Duration::from_millis;
+        let mut run = |s: &mut Scheduler, took: Duration| {
+            let pass = s.next(&p, &m).unwrap();
+            s.record(&p, pass, took, true);
+            pass
+        };
+        assert!(matches!(run(&mut s, ms(4000)), Pass::Prompt { .. }));
+        // A 4 s chunk buys 4 s of decode steps of 50 ms: 80 of them.
+        let decodes = (0..200).take_while(|_| run(&mut s, ms(50)) == Pass::Decode).count();
+        assert_eq!(decodes, 80);
+        // With a share of 0.2, a quarter of the chunk's time.
+        let p = BatchPolicy { decode_share: 0.2, ..p };
+        let mut s = Scheduler::default();
+        s.record(&p, Pass::Prompt { member: 1, tokens: 512 }, ms(4000), true);
+        let decodes = (0..200)
+            .take_while(|_| {
+                let pass = s.next(&p, &m).unwrap();
+                s.record(&p, pass, ms(50), true);
+                pass == Pass::Decode
+            })
+            .count();
+        assert_eq!(decodes, 20);
+        // Prompt time spent while nobody generated is owed to no one.
+        let mut s = Scheduler::default();
+        s.record(&p, Pass::Prompt { member: 0, tokens: 512 }, ms(4000), false);
+        assert!(matches!(s.next(&p, &m), Some(Pass::Prompt { .. })));
     }
 
     #[test]

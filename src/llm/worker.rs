@@ -241,8 +241,11 @@ fn run(
             counters.decode_rows.fetch_add(view.iter().filter(|m| m.prompt_left == 0).count() as u64, Ordering::Relaxed);
         }
         // A panic inside candle must not take the model thread down with it.
+        let generating = view.iter().any(|m| m.prompt_left == 0);
+        let started = Instant::now();
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_pass(&mut llm, &mut batch, pass, &policy)))
             .unwrap_or_else(|_| Err(LlmError::Candle(candle_core::Error::Msg("inference panicked".into()))));
+        sched.record(&policy, pass, started.elapsed(), generating);
         let in_pass = |i: usize| match pass {
             Pass::Prompt { member, .. } => i == member,
             Pass::Decode => batch[i].seq.prompt_left() == 0,
