@@ -71,9 +71,9 @@ pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 1 << 30;
 
 /// Whether a prompt row's numbers are independent of the rows read with it on
 /// this device, so that a prompt read after a reused prefix gives exactly the
-/// cold run's numbers: on CPUs with AVX-512 VNNI (palaver's int8 GEMM, and
-/// candle's repacked kernels for two rows or more; see `Linear`), not with the
-/// f32 GEMM fallback or on a GPU.
+/// cold run's numbers: on CPUs with AVX-512 VNNI (palaver's int8, Q4_K and
+/// Q6_K kernels, and candle's repacked Q8_0 kernel for two rows or more; see
+/// `Linear`), not with the f32 GEMM fallback or on a GPU.
 pub fn prompt_rows_exact(device: &Device) -> bool {
     device.is_cpu() && crate::cpu::avx512_vnni()
 }
