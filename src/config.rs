@@ -182,7 +182,7 @@ impl SummarizeArgs {
                 max_sequences: self.max_batch_sequences.max(1),
                 max_batch_tokens: self.max_batch_tokens,
                 prompt_chunk: self.prompt_chunk.max(1),
-                decode_share: self.decode_share.clamp(0.0, 0.95),
+                decode_share: self.decode_share,
                 max_draft: self.max_draft,
                 decode_rows: self.decode_rows,
                 ..BatchPolicy::default()

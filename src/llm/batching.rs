@@ -221,7 +221,7 @@ mod tests {
         let mut s = Scheduler::default();
         let m = [generating(), reading(5000)];
         let ms = Duration::from_millis;
-        let mut run = |s: &mut Scheduler, took: Duration| {
+        let run = |s: &mut Scheduler, took: Duration| {
             let pass = s.next(&p, &m).unwrap();
             s.record(&p, pass, took, true);
             pass

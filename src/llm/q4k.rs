@@ -144,10 +144,6 @@ impl PackedQ4K {
         Self { n, k, qs, sc, mn, d, dmin }
     }
 
-    pub fn rows(&self) -> usize {
-        self.n
-    }
-
     /// `x`: `m` rows of `k` f32; returns `m` rows of `n`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         matmul_tiled(self, x, m)

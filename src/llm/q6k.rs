@@ -101,10 +101,6 @@ impl PackedQ6K {
         Self { n, k, ql, qh, sc, d }
     }
 
-    pub fn rows(&self) -> usize {
-        self.n
-    }
-
     /// `x`: `m` rows of `k` f32; returns `m` rows of `n`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         matmul_tiled(self, x, m)

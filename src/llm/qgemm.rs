@@ -100,10 +100,6 @@ impl PackedWeight {
         Self { n, k, q, scale }
     }
 
-    pub fn rows(&self) -> usize {
-        self.n
-    }
-
     /// `x`: `m` rows of `k` f32; returns `m` rows of `n`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         matmul_tiled(self, x, m)

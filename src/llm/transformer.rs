@@ -90,6 +90,7 @@ impl Config {
 /// repacked kernel (Q8_0 weights of other models) rounds one row differently
 /// from several.
 struct Linear {
+    /// candle's quantized matmul over the GGUF tensor, when some pass uses it.
     quant: Option<(QMatMul, Arc<QTensor>)>,
     int8: Option<PackedWeight>,
     kquant: Option<KQuant>,
@@ -114,7 +115,8 @@ impl Linear {
         }
         let candle_int8 = candle_has_int8_gemm(&w);
         let own = vnni && k.is_multiple_of(qgemm::BLOCK);
-        let int8 = if own && !(matches!(w.dtype(), GgmlDType::Q4K | GgmlDType::Q6K) && candle_int8) {
+        // (K-quants with candle's repacked kernel took palaver's above.)
+        let int8 = if own {
             let f = dequantize(&w)?.flatten_all()?.to_vec1::<f32>()?;
             Some(PackedWeight::from_f32(&f, n, k))
         } else {
@@ -132,15 +134,9 @@ impl Linear {
     /// `x`: (rows, in) -> (rows, out).
     fn forward(&self, x: &Tensor, prompt: bool) -> Result<Tensor> {
         let y = match (&self.kquant, &self.int8, &self.quant) {
-            (Some(p), _, _) => {
-                let (rows, xs) = (x.dim(0)?, x.flatten_all()?.to_vec1::<f32>()?);
-                let (y, n) = match p {
-                    KQuant::Q4K(p) => (p.matmul(&xs, rows), p.rows()),
-                    KQuant::Q6K(p) => (p.matmul(&xs, rows), p.rows()),
-                };
-                Tensor::from_vec(y, (rows, n), x.device())?
-            }
-            (_, Some(p), q) if prompt || q.is_none() => int8_matmul(p, x)?,
+            (Some(KQuant::Q4K(p)), _, _) => tiled_matmul(p, x)?,
+            (Some(KQuant::Q6K(p)), _, _) => tiled_matmul(p, x)?,
+            (_, Some(p), q) if prompt || q.is_none() => tiled_matmul(p, x)?,
             (_, None, Some((_, raw))) if prompt && raw.device().is_cpu() && !self.candle_int8 => {
                 x.matmul(&dequantize(raw)?.t()?)?
             }
@@ -168,10 +164,11 @@ enum KQuant {
     Q6K(PackedQ6K),
 }
 
-fn int8_matmul(p: &PackedWeight, x: &Tensor) -> Result<Tensor> {
+/// `x` (rows, in) times one of palaver's repacked weights.
+fn tiled_matmul<P: qgemm::Tiled>(p: &P, x: &Tensor) -> Result<Tensor> {
     let rows = x.dim(0)?;
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    Tensor::from_vec(p.matmul(&xs, rows), (rows, p.rows()), x.device())
+    Tensor::from_vec(qgemm::matmul_tiled(p, &xs, rows), (rows, p.n()), x.device())
 }
 
 /// Whether candle 0.11 multiplies rows by this weight with its repacked int8
