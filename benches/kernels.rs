@@ -7,8 +7,13 @@
 //! elements as multiply-adds x 2, so its "Gelem/s" reads as GFLOP/s (GOP/s
 //! for int8).
 //!
+//! Also the decoder's causal attention over its KV cache (`attention/`), one
+//! decoded token after 1,024 and a 512-token prompt chunk after 512, on both
+//! models' head shapes.
+//!
 //!   cargo bench --bench kernels
 //!   ROWS=1,8 cargo bench --bench kernels -- int8
+//!   cargo bench --bench kernels -- attention
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
@@ -74,5 +79,30 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// Causal attention: (name, heads, kv_heads, head_dim) x (new tokens, past).
+fn attention(c: &mut Criterion) {
+    use palaver::llm::kv::{LayerKv, SeqCache};
+    let dev = Device::Cpu;
+    for (name, heads, kv_heads, hd) in [("0.5b", 14, 2, 64), ("1.5b", 12, 2, 128)] {
+        let mut g = c.benchmark_group(format!("attention/{name}"));
+        g.sample_size(10);
+        for (t, past) in [(1, 1024), (512, 512)] {
+            let len = past + t;
+            let mut cache = SeqCache::new(1, kv_heads, hd, &dev);
+            let k = Tensor::randn(0f32, 1.0, (kv_heads, len, hd), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (kv_heads, len, hd), &dev).unwrap();
+            let q = Tensor::randn(0f32, 1.0, (1, heads, t, hd), &dev).unwrap();
+            let LayerKv::Host(kv) = cache.append(0, &k, &v).unwrap() else { unreachable!("a CPU cache") };
+            // Scores and weighted values: 2 x heads x head_dim multiply-adds per visible key.
+            let visible: usize = (0..t).map(|r| past + r + 1).sum();
+            g.throughput(Throughput::Elements((2 * 2 * heads * hd * visible) as u64));
+            g.bench_function(format!("new{t}-past{past}"), |b| {
+                b.iter(|| black_box(palaver::llm::attention::causal(&q, &kv).unwrap()))
+            });
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, bench, attention);
 criterion_main!(benches);

@@ -3,56 +3,116 @@
 //! and all the queries of one short message and head (the encoder's).
 
 /// `out_g = softmax(scale * q_g . K) V` for the query heads `qs` that share
-/// one KV head, over `n` keys; key and value row `j` start at `j * stride` of
-/// `keys` and `vals`. `out` holds the heads' results one after another (`d`
-/// each, overwritten); `p` is scratch.
+/// one KV head, over its first `n` positions: `keys` in blocks of 16
+/// positions stored dimension-major (`[block][dim][16]`, at least `n` rounded
+/// up to 32 positions: the cache's layout, [`crate::llm::kv::SeqCache`]),
+/// `vals` one row of `d` per position. `out` holds the heads' results one
+/// after another (`d` each, overwritten); `p` is scratch.
 ///
-/// Every key and value row is read once for the whole group rather than once
-/// per head (7x less cache traffic for Qwen2.5-0.5B's 14 query heads over 2 KV
-/// heads), and the weighted sum of values holds 4 heads x 16 columns in
-/// registers, four independent chains rather than one through memory.
+/// Heads go in blocks of up to 8 (Qwen2.5's 6 or 7 per KV head in one), so
+/// every key and value row is read once per block, not once per head. Scores
+/// of 2 x 16 keys are built up in vectors over the dimensions, with no
+/// horizontal sum per key; every sum runs in one fixed order per key and per
+/// output, so a token's result never depends on how many tokens were read
+/// with it.
 #[allow(clippy::too_many_arguments)]
-pub fn query_group(qs: &[&[f32]], keys: &[f32], vals: &[f32], stride: usize, n: usize, scale: f32, p: &mut Vec<f32>, out: &mut [f32]) {
+pub fn query_group(qs: &[&[f32]], keys: &[f32], vals: &[f32], n: usize, scale: f32, p: &mut Vec<f32>, out: &mut [f32]) {
     let (g, d) = (qs.len(), out.len() / qs.len().max(1));
+    assert!(qs.iter().all(|q| q.len() == d) && out.len() == g * d, "{g} queries of {d}");
+    assert!(keys.len() >= n.next_multiple_of(2 * LANES) * d && vals.len() >= n * d, "keys and values of {n} positions");
     p.clear();
     p.resize(g * n, 0.0);
-    let full = d - d % LANES;
-    for h0 in (0..g).step_by(QUERIES) {
-        let here = (g - h0).min(QUERIES);
-        let q: [&[f32]; QUERIES] = std::array::from_fn(|r| qs[h0 + if r < here { r } else { 0 }]);
-        for j in 0..n {
-            let kj = &keys[j * stride..j * stride + d];
-            let (mut a0, mut a1, mut a2, mut a3) = ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
-            for c in (0..full).step_by(LANES) {
-                let kc: &[f32; LANES] = kj[c..c + LANES].try_into().expect("16 lanes");
-                let (q0, q1, q2, q3): (&[f32; LANES], &[f32; LANES], &[f32; LANES], &[f32; LANES]) = (
-                    q[0][c..c + LANES].try_into().expect("16 lanes"),
-                    q[1][c..c + LANES].try_into().expect("16 lanes"),
-                    q[2][c..c + LANES].try_into().expect("16 lanes"),
-                    q[3][c..c + LANES].try_into().expect("16 lanes"),
-                );
+    let blocks = g.div_ceil(MAX_HEADS);
+    for b in 0..blocks {
+        let (h0, h1) = (b * g / blocks, (b + 1) * g / blocks);
+        let (q, w, o) = (&qs[h0..h1], &mut p[h0 * n..h1 * n], &mut out[h0 * d..h1 * d]);
+        macro_rules! heads {
+            ($($h:literal)*) => {
+                match h1 - h0 {
+                    $($h => group::<$h>(q.try_into().expect("block size"), keys, vals, n, scale, w, o),)*
+                    _ => unreachable!("blocks of 1 to {MAX_HEADS} heads"),
+                }
+            };
+        }
+        heads!(1 2 3 4 5 6 7 8);
+    }
+}
+
+/// Query heads attended together (one block's accumulators for 2 x 16 keys
+/// stay within the 32 vector registers).
+const MAX_HEADS: usize = 8;
+
+/// [`query_group`] for one block of `H` heads; `w` is its `H x n` scratch.
+#[allow(clippy::too_many_arguments)]
+fn group<const H: usize>(q: &[&[f32]; H], keys: &[f32], vals: &[f32], n: usize, scale: f32, w: &mut [f32], out: &mut [f32]) {
+    let d = out.len() / H;
+    // Scores, 32 keys at a time: two blocks of 16 key lanes per head.
+    for pair in 0..n.div_ceil(2 * LANES) {
+        let kb = &keys[pair * 2 * LANES * d..][..2 * LANES * d];
+        let (mut a, mut b) = ([[0f32; LANES]; H], [[0f32; LANES]; H]);
+        for c in 0..d {
+            let k0: &[f32; LANES] = kb[c * LANES..][..LANES].try_into().expect("16 lanes");
+            let k1: &[f32; LANES] = kb[(d + c) * LANES..][..LANES].try_into().expect("16 lanes");
+            for h in 0..H {
+                let x = q[h][c];
                 for l in 0..LANES {
-                    a0[l] += q0[l] * kc[l];
-                    a1[l] += q1[l] * kc[l];
-                    a2[l] += q2[l] * kc[l];
-                    a3[l] += q3[l] * kc[l];
+                    a[h][l] = x.mul_add(k0[l], a[h][l]);
+                    b[h][l] = x.mul_add(k1[l], b[h][l]);
                 }
             }
-            for (r, a) in [a0, a1, a2, a3].iter().enumerate().take(here) {
-                let tail: f32 = q[r][full..].iter().zip(&kj[full..]).map(|(x, y)| x * y).sum();
-                p[(h0 + r) * n + j] = (crate::cpu::lane_tree_sum(a) + tail) * scale;
+        }
+        let j0 = pair * 2 * LANES;
+        let here = (n - j0).min(2 * LANES);
+        for h in 0..H {
+            let row = &mut w[h * n + j0..][..here];
+            for (l, s) in row.iter_mut().enumerate() {
+                *s = if l < LANES { a[h][l] } else { b[h][l - LANES] } * scale;
             }
         }
     }
-    let mut inv = vec![0f32; g];
-    for (h, ph) in p.chunks_exact_mut(n).enumerate() {
-        inv[h] = 1.0 / exp_shifted(ph, lane_max(ph));
+    let mut inv = [0f32; H];
+    for (h, wh) in w.chunks_exact_mut(n).enumerate() {
+        inv[h] = 1.0 / exp_shifted(wh, lane_max(wh));
     }
-    for h0 in (0..g).step_by(QUERIES) {
-        let here = (g - h0).min(QUERIES);
-        // Past the last head the first of the block is repeated, its result dropped.
-        let w: [&[f32]; QUERIES] = std::array::from_fn(|r| &p[(h0 + if r < here { r } else { 0 }) * n..][..n]);
-        weighted_values(w, &inv[h0..], here, vals, stride, d, &mut out[h0 * d..]);
+    // Weighted sum of values, 2 x 16 columns of every head at a time.
+    let full = d - d % LANES;
+    let mut cb = 0;
+    while cb + 2 * LANES <= full {
+        value_columns::<H, 2>(w, &inv, vals, d, n, cb, out);
+        cb += 2 * LANES;
+    }
+    if cb < full {
+        value_columns::<H, 1>(w, &inv, vals, d, n, cb, out);
+    }
+    for h in 0..H {
+        for col in full..d {
+            let s = (0..n).fold(0f32, |s, j| w[h * n + j].mul_add(vals[j * d + col], s));
+            out[h * d + col] = s * inv[h];
+        }
+    }
+}
+
+/// Columns `cb .. cb + 16 C` of `out_h = inv[h] * sum_j w[h][j] * V_j`.
+#[inline(always)]
+fn value_columns<const H: usize, const C: usize>(w: &[f32], inv: &[f32; H], vals: &[f32], d: usize, n: usize, cb: usize, out: &mut [f32]) {
+    let mut acc = [[[0f32; LANES]; C]; H];
+    for j in 0..n {
+        let v = &vals[j * d + cb..][..C * LANES];
+        for h in 0..H {
+            let x = w[h * n + j];
+            for (k, a) in acc[h].iter_mut().enumerate() {
+                for l in 0..LANES {
+                    a[l] = x.mul_add(v[k * LANES + l], a[l]);
+                }
+            }
+        }
+    }
+    for h in 0..H {
+        for (k, a) in acc[h].iter().enumerate() {
+            for (o, x) in out[h * d + cb + k * LANES..][..LANES].iter_mut().zip(a) {
+                *o = x * inv[h];
+            }
+        }
     }
 }
 

@@ -12,26 +12,20 @@
 //! prompt chunk of any size, or read after a reused prefix: the property that
 //! makes chunked and reused prompts give the cold run's numbers exactly.
 
-use candle_core::{Result, Storage, Tensor};
+use super::kv::HostKv;
+use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 /// `q`: (1, heads, t, head_dim), the `t` new tokens at positions
-/// `len - t .. len`; `k`, `v`: (kv_heads, len, head_dim) views of the cache
-/// with rows of `head_dim` contiguous. Returns (t, heads * head_dim).
-pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+/// `kv.len - t .. kv.len`, whose keys and values `kv` already holds.
+/// Returns (t, heads * head_dim).
+pub fn causal(q: &Tensor, kv: &HostKv<'_>) -> Result<Tensor> {
     let (_, heads, t, hd) = q.dims4()?;
-    let (kv_heads, len, _) = k.dims3()?;
-    if heads % kv_heads != 0 || t > len {
-        candle_core::bail!("attention of {heads} heads over {kv_heads} KV heads, {t} new of {len} tokens");
+    let (kv_heads, len, cap) = (kv.kv_heads, kv.len, kv.cap);
+    if heads % kv_heads != 0 || t > len || hd != kv.head_dim {
+        candle_core::bail!("attention of {heads} heads of {hd} over {kv_heads} KV heads of {}, {t} new of {len} tokens", kv.head_dim);
     }
     let qv: Vec<f32> = q.flatten_all()?.to_vec1()?;
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*ks, &*vs) else { candle_core::bail!("CPU attention on a non-CPU cache") };
-    let (kd, vd) = (kc.as_slice::<f32>()?, vc.as_slice::<f32>()?);
-    if kl.stride()[1..] != [hd, 1] || vl.stride()[1..] != [hd, 1] {
-        candle_core::bail!("attention needs rows of head_dim contiguous in the cache");
-    }
     let group = heads / kv_heads;
     let past = len - t;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -42,19 +36,35 @@ pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     out.par_chunks_mut(group * hd).enumerate().for_each_init(Vec::new, |p: &mut Vec<f32>, (task, o)| {
         let (r, kvh) = (task / kv_heads, task % kv_heads);
         let visible = past + r + 1;
-        let keys = &kd[kl.start_offset() + kvh * kl.stride()[0]..][..visible * hd];
-        let vals = &vd[vl.start_offset() + kvh * vl.stride()[0]..][..visible * hd];
+        let keys = &kv.keys[kvh * cap * hd..][..cap * hd];
+        let vals = &kv.values[kvh * cap * hd..][..visible * hd];
         let qs: Vec<&[f32]> = (kvh * group..(kvh + 1) * group).map(|h| &qv[(h * t + r) * hd..][..hd]).collect();
-        crate::attend::query_group(&qs, keys, vals, hd, visible, scale, p, o);
+        crate::attend::query_group(&qs, keys, vals, visible, scale, p, o);
     });
-    drop((ks, vs));
     Tensor::from_vec(out, (t, heads * hd), q.device())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::llm::kv::{LayerKv, SeqCache};
     use candle_core::Device;
+
+    /// Runs `f` on a CPU cache holding `k` and `v` ((kv_heads, len, head_dim)),
+    /// with room for `cap` positions (more than `len`: stale positions past the
+    /// end must not matter).
+    fn in_cache(k: &Tensor, v: &Tensor, cap: usize, f: impl Fn(&HostKv<'_>) -> Result<Tensor>) -> Vec<f32> {
+        let (kv_heads, len, hd) = k.dims3().unwrap();
+        let mut cache = SeqCache::new(1, kv_heads, hd, &Device::Cpu);
+        cache.reserve(cap).unwrap();
+        // Garbage after the end: a longer sequence written, then truncated.
+        let junk = Tensor::full(1e6f32, (kv_heads, cap, hd), &Device::Cpu).unwrap();
+        cache.append(0, &junk, &junk).unwrap();
+        cache.truncate(0);
+        let LayerKv::Host(kv) = cache.append(0, k, v).unwrap() else { panic!("a CPU cache keeps host buffers") };
+        assert_eq!(kv.len, len);
+        f(&kv).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    }
 
     /// Against plain tensor ops with an explicit causal mask, on views of a
     /// cache with spare capacity: odd lengths and head sizes, grouped and
@@ -62,13 +72,22 @@ mod tests {
     #[test]
     fn equals_the_masked_tensor_formula() {
         let dev = Device::Cpu;
-        let cases = [(9, 3, 64, 1, 1, 8), (14, 2, 64, 37, 1, 64), (12, 2, 128, 513, 1, 1024), (4, 4, 20, 5, 5, 7), (14, 2, 64, 70, 33, 80)];
+        // (heads, kv_heads, head_dim, len, new tokens, capacity): blocks of 3, 7,
+        // 6, 1 and 8 + 8 or 5 + 4 heads; whole, paired and odd column blocks.
+        let cases = [
+            (9, 3, 64, 1, 1, 8),
+            (14, 2, 64, 37, 1, 64),
+            (12, 2, 128, 513, 1, 1024),
+            (4, 4, 20, 5, 5, 7),
+            (14, 2, 64, 70, 33, 80),
+            (16, 1, 48, 45, 3, 64),
+            (9, 1, 32, 33, 33, 40),
+        ];
         for (heads, kv_heads, hd, len, t, cap) in cases {
             let q = Tensor::randn(0f32, 1.0, (1, heads, t, hd), &dev).unwrap();
-            let kc = Tensor::randn(0f32, 1.0, (kv_heads, cap, hd), &dev).unwrap();
-            let vc = Tensor::randn(0f32, 1.0, (kv_heads, cap, hd), &dev).unwrap();
-            let (k, v) = (kc.narrow(1, 0, len).unwrap(), vc.narrow(1, 0, len).unwrap());
-            let ours: Vec<f32> = causal(&q, &k, &v).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let k = Tensor::randn(0f32, 1.0, (kv_heads, len, hd), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (kv_heads, len, hd), &dev).unwrap();
+            let ours = in_cache(&k, &v, cap, |kv| causal(&q, kv));
             let group = heads / kv_heads;
             let past = len - t;
             let mask: Vec<f32> = (0..t)
@@ -99,10 +118,17 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (1, heads, t, hd), &dev).unwrap();
         let k = Tensor::randn(0f32, 1.0, (kv_heads, len, hd), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (kv_heads, len, hd), &dev).unwrap();
-        let all: Vec<f32> = causal(&q, &k, &v).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let all = in_cache(&k, &v, len, |kv| causal(&q, kv));
         // The chunk's last 5 tokens on their own: the cache holds 35 + 5 then.
         let tail = q.narrow(2, t - 5, 5).unwrap().contiguous().unwrap();
-        let part: Vec<f32> = causal(&tail, &k, &v).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let part = in_cache(&k, &v, len, |kv| causal(&tail, kv));
         assert_eq!(part, all[(t - 5) * heads * hd..]);
+        // And decoded one at a time.
+        for r in [0, 7, t - 1] {
+            let one = q.narrow(2, r, 1).unwrap().contiguous().unwrap();
+            let (kr, vr) = (k.narrow(1, 0, len - t + r + 1).unwrap(), v.narrow(1, 0, len - t + r + 1).unwrap());
+            let single = in_cache(&kr, &vr, len, |kv| causal(&one, kv));
+            assert_eq!(single, all[r * heads * hd..(r + 1) * heads * hd], "token {r}");
+        }
     }
 }

@@ -8,12 +8,21 @@ use std::collections::HashMap;
 /// Grows capacity in steps of this many tokens (a copy per step, not per token).
 const GROW: usize = 512;
 
-/// The keys and values of one sequence, per layer (kv_heads, capacity, head_dim),
-/// of which the first `len` positions are filled.
+/// Positions per block of the CPU key layout (one 512-bit vector of f32).
+pub const KEY_BLOCK: usize = 16;
+
+/// The keys and values of one sequence, per layer, of which the first `len`
+/// positions are filled.
+///
+/// On the CPU the cache is palaver's own memory, laid out for
+/// [`attention::causal`](super::attention::causal): keys per KV head in blocks
+/// of [`KEY_BLOCK`] positions stored dimension-major (`[block][dim][16]`), so
+/// that the scores of 16 keys are built up in one vector with no horizontal
+/// sums, and values per KV head position-major (`[pos][dim]`). Elsewhere each
+/// layer is a (kv_heads, capacity, head_dim) tensor for candle's matmuls.
 pub struct SeqCache {
     layers: usize,
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
+    store: Store,
     len: usize,
     /// Positions written by the forward pass in progress, committed by `advance`.
     pending: usize,
@@ -23,10 +32,53 @@ pub struct SeqCache {
     device: Device,
 }
 
+enum Store {
+    /// Per layer: keys `[kv_head][cap / 16][head_dim][16]`, values `[kv_head][cap][head_dim]`.
+    Host { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+    Device { k: Vec<Tensor>, v: Vec<Tensor> },
+}
+
+/// One layer's keys and values on the CPU after an append (see [`SeqCache`]).
+pub struct HostKv<'a> {
+    pub keys: &'a [f32],
+    pub values: &'a [f32],
+    /// Positions per KV head in the buffers (a multiple of 2 x [`KEY_BLOCK`]).
+    pub cap: usize,
+    /// Positions filled, the new ones included.
+    pub len: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// A layer after an append: the CPU buffers, or views of the device tensors
+/// ((kv_heads, len, head_dim) each).
+pub enum LayerKv<'a> {
+    Host(HostKv<'a>),
+    Device(Tensor, Tensor),
+}
+
+impl HostKv<'_> {
+    /// Element `c` of the key of position `pos`, KV head `h`.
+    pub fn key(&self, h: usize, pos: usize, c: usize) -> f32 {
+        let d = self.head_dim;
+        self.keys[h * self.cap * d + pos / KEY_BLOCK * d * KEY_BLOCK + c * KEY_BLOCK + pos % KEY_BLOCK]
+    }
+
+    /// Element `c` of the value of position `pos`, KV head `h`.
+    pub fn value(&self, h: usize, pos: usize, c: usize) -> f32 {
+        self.values[(h * self.cap + pos) * self.head_dim + c]
+    }
+}
+
 impl SeqCache {
     pub fn new(layers: usize, kv_heads: usize, head_dim: usize, device: &Device) -> Self {
-        // Tensors are allocated on first use, so an idle cache costs nothing.
-        Self { layers, k: Vec::new(), v: Vec::new(), len: 0, pending: 0, cap: 0, kv_heads, head_dim, device: device.clone() }
+        // Buffers are allocated on first use, so an idle cache costs nothing.
+        let store = if device.is_cpu() {
+            Store::Host { k: Vec::new(), v: Vec::new() }
+        } else {
+            Store::Device { k: Vec::new(), v: Vec::new() }
+        };
+        Self { layers, store, len: 0, pending: 0, cap: 0, kv_heads, head_dim, device: device.clone() }
     }
 
     pub fn len(&self) -> usize {
@@ -50,18 +102,43 @@ impl SeqCache {
             return Ok(());
         }
         let cap = need.div_ceil(GROW) * GROW;
-        let shape = (self.kv_heads, cap, self.head_dim);
-        let zeros = || Tensor::zeros(shape, candle_core::DType::F32, &self.device);
-        if self.k.is_empty() {
-            self.k = (0..self.layers).map(|_| zeros()).collect::<Result<_>>()?;
-            self.v = (0..self.layers).map(|_| zeros()).collect::<Result<_>>()?;
-        } else {
-            for t in self.k.iter_mut().chain(self.v.iter_mut()) {
-                let grown = zeros()?;
-                if self.len > 0 {
-                    grown.slice_set(&t.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+        let (layers, heads, hd, old) = (self.layers, self.kv_heads, self.head_dim, self.cap);
+        match &mut self.store {
+            Store::Host { k, v } => {
+                // Per head, the old positions are a prefix of the head's
+                // region in both layouts (whole key blocks, GROW being a
+                // multiple of KEY_BLOCK).
+                let grow = |bufs: &mut Vec<Vec<f32>>| {
+                    if bufs.is_empty() {
+                        *bufs = (0..layers).map(|_| vec![0f32; heads * cap * hd]).collect();
+                        return;
+                    }
+                    for b in bufs.iter_mut() {
+                        let mut grown = vec![0f32; heads * cap * hd];
+                        for h in 0..heads {
+                            grown[h * cap * hd..][..old * hd].copy_from_slice(&b[h * old * hd..][..old * hd]);
+                        }
+                        *b = grown;
+                    }
+                };
+                grow(k);
+                grow(v);
+            }
+            Store::Device { k, v } => {
+                let shape = (heads, cap, hd);
+                let zeros = || Tensor::zeros(shape, candle_core::DType::F32, &self.device);
+                if k.is_empty() {
+                    *k = (0..self.layers).map(|_| zeros()).collect::<Result<_>>()?;
+                    *v = (0..self.layers).map(|_| zeros()).collect::<Result<_>>()?;
+                } else {
+                    for t in k.iter_mut().chain(v.iter_mut()) {
+                        let grown = zeros()?;
+                        if self.len > 0 {
+                            grown.slice_set(&t.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                        }
+                        *t = grown;
+                    }
                 }
-                *t = grown;
             }
         }
         self.cap = cap;
@@ -69,15 +146,35 @@ impl SeqCache {
     }
 
     /// Writes `t` new positions of `layer` ((kv_heads, t, head_dim) each) after
-    /// the committed ones and returns views of all positions so far.
-    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// the committed ones and returns the layer with all positions so far.
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<LayerKv<'_>> {
         let t = k.dim(1)?;
         self.reserve(self.len + t)?;
-        self.k[layer].slice_set(k, 1, self.len)?;
-        self.v[layer].slice_set(v, 1, self.len)?;
         self.pending = t;
         let n = self.len + t;
-        Ok((self.k[layer].narrow(1, 0, n)?, self.v[layer].narrow(1, 0, n)?))
+        let (heads, hd, cap, at) = (self.kv_heads, self.head_dim, self.cap, self.len);
+        match &mut self.store {
+            Store::Host { k: ks, v: vs } => {
+                let (kn, vn): (Vec<f32>, Vec<f32>) = (k.flatten_all()?.to_vec1()?, v.flatten_all()?.to_vec1()?);
+                let (kb, vb) = (&mut ks[layer], &mut vs[layer]);
+                for h in 0..heads {
+                    for i in 0..t {
+                        let (pos, src) = (at + i, (h * t + i) * hd);
+                        vb[(h * cap + pos) * hd..][..hd].copy_from_slice(&vn[src..][..hd]);
+                        let block = &mut kb[h * cap * hd + pos / KEY_BLOCK * hd * KEY_BLOCK..][..hd * KEY_BLOCK];
+                        for (c, &x) in kn[src..][..hd].iter().enumerate() {
+                            block[c * KEY_BLOCK + pos % KEY_BLOCK] = x;
+                        }
+                    }
+                }
+                Ok(LayerKv::Host(HostKv { keys: kb, values: vb, cap, len: n, kv_heads: heads, head_dim: hd }))
+            }
+            Store::Device { k: ks, v: vs } => {
+                ks[layer].slice_set(k, 1, at)?;
+                vs[layer].slice_set(v, 1, at)?;
+                Ok(LayerKv::Device(ks[layer].narrow(1, 0, n)?, vs[layer].narrow(1, 0, n)?))
+            }
+        }
     }
 
     /// Commits the positions written by the last forward pass.
@@ -90,10 +187,24 @@ impl SeqCache {
     /// A compact copy of the first `len` positions.
     pub fn snapshot(&self, len: usize) -> Result<Snapshot> {
         let len = len.min(self.len);
-        let take = |ts: &[Tensor]| -> Result<Vec<Tensor>> {
-            ts.iter().map(|t| t.narrow(1, 0, len)?.contiguous()).collect()
+        let (heads, hd, cap) = (self.kv_heads, self.head_dim, self.cap);
+        let data = match &self.store {
+            Store::Host { k, v } => {
+                // Keys to the end of the block holding the last position.
+                let kl = len.next_multiple_of(KEY_BLOCK);
+                let take = |bufs: &[Vec<f32>], per: usize| -> Vec<Vec<f32>> {
+                    bufs.iter().map(|b| (0..heads).flat_map(|h| &b[h * cap * hd..][..per * hd]).copied().collect()).collect()
+                };
+                Saved::Host { k: take(k, kl), v: take(v, len) }
+            }
+            Store::Device { k, v } => {
+                let take = |ts: &[Tensor]| -> Result<Vec<Tensor>> {
+                    ts.iter().map(|t| t.narrow(1, 0, len)?.contiguous()).collect()
+                };
+                Saved::Device { k: take(k)?, v: take(v)? }
+            }
         };
-        Ok(Snapshot { k: take(&self.k)?, v: take(&self.v)?, len })
+        Ok(Snapshot { data, len })
     }
 
     /// Replaces the contents with the first `len` positions of `s`.
@@ -102,10 +213,28 @@ impl SeqCache {
         self.len = 0;
         self.pending = 0;
         self.reserve(len)?;
-        for (dst, src) in self.k.iter().zip(&s.k).chain(self.v.iter().zip(&s.v)) {
-            if len > 0 {
-                dst.slice_set(&src.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+        let (heads, hd, cap) = (self.kv_heads, self.head_dim, self.cap);
+        match (&mut self.store, &s.data) {
+            (Store::Host { k, v }, Saved::Host { k: sk, v: sv }) => {
+                let (kl, skl) = (len.next_multiple_of(KEY_BLOCK), s.len.next_multiple_of(KEY_BLOCK));
+                let put = |dst: &mut [Vec<f32>], src: &[Vec<f32>], per: usize, saved: usize| {
+                    for (d, s) in dst.iter_mut().zip(src) {
+                        for h in 0..heads {
+                            d[h * cap * hd..][..per * hd].copy_from_slice(&s[h * saved * hd..][..per * hd]);
+                        }
+                    }
+                };
+                put(k, sk, kl, skl);
+                put(v, sv, len, s.len);
             }
+            (Store::Device { k, v }, Saved::Device { k: sk, v: sv }) => {
+                for (dst, src) in k.iter().zip(sk).chain(v.iter().zip(sv)) {
+                    if len > 0 {
+                        dst.slice_set(&src.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+                    }
+                }
+            }
+            _ => candle_core::bail!("a snapshot restored on another kind of device"),
         }
         self.len = len;
         Ok(())
@@ -114,14 +243,22 @@ impl SeqCache {
 
 /// The prompt cache of one conversation.
 pub struct Snapshot {
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
+    data: Saved,
     len: usize,
+}
+
+/// Per layer, in the layout of the cache it came from, cut to its length.
+enum Saved {
+    Host { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+    Device { k: Vec<Tensor>, v: Vec<Tensor> },
 }
 
 impl Snapshot {
     pub fn bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|t| t.elem_count() * 4).sum()
+        match &self.data {
+            Saved::Host { k, v } => k.iter().chain(v).map(|b| b.len() * 4).sum(),
+            Saved::Device { k, v } => k.iter().chain(v).map(|t| t.elem_count() * 4).sum(),
+        }
     }
 }
 
@@ -247,14 +384,34 @@ mod tests {
     fn appends_in_place_across_growth_and_truncates() {
         let mut c = filled(600, 0.0); // past one growth step
         assert_eq!(c.len(), 600);
-        let k = Tensor::ones((2, 3, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let (all, _) = c.append(0, &k, &k).unwrap();
-        assert_eq!(all.dims(), &[2, 603, 4]);
-        // The old positions survived the growth.
-        let first: Vec<f32> = all.narrow(1, 599, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(first[..4], [2396.0, 2397.0, 2398.0, 2399.0]);
+        assert_eq!(c.cap, 1024);
+        // 500 more positions grow the buffers (copying the old ones).
+        let k = Tensor::ones((2, 500, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let v = (k.clone() * 2.0).unwrap();
+        let LayerKv::Host(kv) = c.append(0, &k, &v).unwrap() else { panic!("a CPU cache keeps host buffers") };
+        assert_eq!(kv.len, 1100);
+        assert!(kv.cap >= 1100 && kv.cap.is_multiple_of(2 * KEY_BLOCK));
+        // The old positions survived the growth, in both heads and layouts:
+        // filled() wrote (head, pos, c) = (head * 600 + pos) * 4 + c.
+        for (h, pos) in [(0, 0), (0, 15), (0, 16), (0, 599), (1, 0), (1, 333), (1, 599)] {
+            for c in 0..4 {
+                let want = ((h * 600 + pos) * 4 + c) as f32;
+                assert_eq!((kv.key(h, pos, c), kv.value(h, pos, c)), (want, want), "head {h} position {pos} dim {c}");
+            }
+        }
+        for (h, pos) in [(0, 600), (1, 617), (1, 1099)] {
+            assert_eq!((kv.key(h, pos, 3), kv.value(h, pos, 3)), (1.0, 2.0));
+        }
+        c.advance(500);
         c.truncate(10);
         assert_eq!(c.len(), 10);
+    }
+
+    fn host(s: &Snapshot) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        match &s.data {
+            Saved::Host { k, v } => (k.clone(), v.clone()),
+            Saved::Device { .. } => panic!("a CPU cache saves host buffers"),
+        }
     }
 
     #[test]
@@ -269,9 +426,9 @@ mod tests {
         let grown: Vec<u32> = (0..6).chain([100, 101, 102]).collect();
         assert_eq!(pc.load("a", &grown, &mut c).unwrap(), 6);
         assert_eq!(c.len(), 6);
-        let restored: Vec<f32> = c.snapshot(6).unwrap().k[1].flatten_all().unwrap().to_vec1().unwrap();
-        let orig: Vec<f32> = src.snapshot(6).unwrap().k[1].flatten_all().unwrap().to_vec1().unwrap();
+        let (restored, orig) = (host(&c.snapshot(6).unwrap()), host(&src.snapshot(6).unwrap()));
         assert_eq!(restored, orig);
+        assert!(orig.0.iter().flatten().any(|&x| x != 0.0));
         // The identical prompt still leaves its last token to run.
         assert_eq!(pc.load("a", &prompt, &mut c).unwrap(), 7);
         assert_eq!(pc.load("unknown", &prompt, &mut c).unwrap(), 0);

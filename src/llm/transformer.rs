@@ -8,7 +8,7 @@
 //! caller ([`SeqCache`]) and a prompt chunk is one GEMM per weight.
 
 use super::attention;
-use super::kv::SeqCache;
+use super::kv::{LayerKv, SeqCache};
 use super::q4k::{self, PackedQ4K};
 use super::q6k::PackedQ6K;
 use super::qgemm::{self, PackedWeight};
@@ -397,11 +397,11 @@ impl Transformer {
             Arch::Llama => (rope_i(&q, &p.cos, &p.sin)?, rope_i(&k, &p.cos, &p.sin)?),
             Arch::Qwen2 => (rope(&q, &p.cos, &p.sin)?, rope(&k, &p.cos, &p.sin)?),
         };
-        // (kv_heads, len, head_dim) views of the cache, written in place.
-        let (k_all, v_all) = cache.append(layer, &k.squeeze(0)?, &v.squeeze(0)?)?;
-        if q.device().is_cpu() {
-            return attention::causal(&q, &k_all, &v_all);
-        }
+        let (k_all, v_all) = match cache.append(layer, &k.squeeze(0)?, &v.squeeze(0)?)? {
+            LayerKv::Host(kv) => return attention::causal(&q, &kv),
+            // (kv_heads, len, head_dim) views of the cache, written in place.
+            LayerKv::Device(k, v) => (k, v),
+        };
         let group = c.heads / c.kv_heads;
         // Grouped-query attention without copying K/V per head: the `group`
         // query heads sharing one KV head are stacked as rows of one matmul.
