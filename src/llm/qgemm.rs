@@ -144,6 +144,8 @@ pub(super) trait Tiled: Sync {
     type Rows: Send + Sync;
     fn n(&self) -> usize;
     fn k(&self) -> usize;
+    /// The rows' quantization; it depends on `x` and `k` only, so weights
+    /// of one kind read from the same activations can share it.
     fn quantize(&self, x: &[f32], rows: usize) -> Self::Rows;
     /// Tile `t` for every row of `xq`, written into `out` (row stride `n`).
     ///
@@ -171,31 +173,48 @@ impl Tiled for PackedWeight {
 
 /// `x`: `m` rows of `k` f32 times `p`; returns `m` rows of `n`.
 pub(super) fn matmul_tiled<P: Tiled>(p: &P, x: &[f32], m: usize) -> Vec<f32> {
-    let (n, k) = (p.n(), p.k());
+    matmul_tiled_many(&[p], x, m).pop().expect("one weight, one product")
+}
+
+/// `x` times each of `ps` (weights of the same input size read from the same
+/// activations: a layer's q, k and v, or gate and up): `x` is quantized once
+/// and all their tiles share one parallel loop, rather than a quantization
+/// and a loop (two wake-ups of the pool) per weight.
+pub(super) fn matmul_tiled_many<P: Tiled>(ps: &[&P], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+    let Some(first) = ps.first() else { return Vec::new() };
+    let k = first.k();
+    assert!(ps.iter().all(|p| p.k() == k), "weights of different input sizes");
     assert_eq!(x.len(), m * k, "input of {} values is not {m} rows of {k}", x.len());
-    let mut y = vec![0f32; m * n];
+    let mut ys: Vec<Vec<f32>> = ps.iter().map(|p| vec![0f32; m * p.n()]).collect();
     if m == 0 {
-        return y;
+        return ys;
     }
     let fast = crate::cpu::avx512_vnni();
     // Tasks: chunks of rows x groups of tiles, enough of them to keep every
     // core busy for a single decode row as well as for a 512-row prompt.
-    let tiles = n.div_ceil(TILE);
     let chunks = m.div_ceil(ROW_CHUNK);
-    let split = (2 * rayon::current_num_threads()).div_ceil(chunks).clamp(1, tiles);
-    let per = tiles.div_ceil(split);
-    // Each chunk of rows is quantized once, whatever the tasks sharing it.
-    let quant: Vec<P::Rows> = x.par_chunks(ROW_CHUNK * k).map(|c| p.quantize(c, c.len() / k)).collect();
-    let out = SyncPtr(y.as_mut_ptr());
-    (0..chunks * split).into_par_iter().for_each(|task| {
-        let (chunk, part) = (task / split, task % split);
+    let mut tasks = Vec::new(); // (weight, chunk, first tile, end tile)
+    for (i, p) in ps.iter().enumerate() {
+        let tiles = p.n().div_ceil(TILE);
+        let split = (2 * rayon::current_num_threads()).div_ceil(chunks).clamp(1, tiles);
+        let per = tiles.div_ceil(split);
+        for chunk in 0..chunks {
+            for part in 0..split {
+                tasks.push((i, chunk, part * per, ((part + 1) * per).min(tiles)));
+            }
+        }
+    }
+    // Each chunk of rows is quantized once, whatever the weights and tasks sharing it.
+    let quant: Vec<P::Rows> = x.par_chunks(ROW_CHUNK * k).map(|c| first.quantize(c, c.len() / k)).collect();
+    let outs: Vec<SyncPtr> = ys.iter_mut().map(|y| SyncPtr(y.as_mut_ptr())).collect();
+    tasks.into_par_iter().for_each(|(i, chunk, t0, t1)| {
         let r0 = chunk * ROW_CHUNK;
-        for t in part * per..((part + 1) * per).min(tiles) {
-            // SAFETY: each task writes rows r0.. of columns of its own tiles.
-            unsafe { p.tile(&quant[chunk], t, out.get().add(r0 * n), fast) };
+        for t in t0..t1 {
+            // SAFETY: each task writes rows r0.. of columns of its own tiles of its own weight's output.
+            unsafe { ps[i].tile(&quant[chunk], t, outs[i].get().add(r0 * ps[i].n()), fast) };
         }
     });
-    y
+    ys
 }
 
 struct SyncPtr(*mut f32);
@@ -388,6 +407,19 @@ pub(super) mod tests {
         for (m, n, k) in SHAPES {
             let (x, w) = (rnd(m * k, 3 + k as u64), rnd(n * k, 5 + m as u64));
             vector_equals_scalar(&PackedWeight::from_f32(&w, n, k), &x, m);
+        }
+    }
+
+    #[test]
+    fn weights_sharing_one_loop_give_their_own_products() {
+        let k = 192;
+        let ws: Vec<PackedWeight> = [96, 40, 33].iter().map(|&n| PackedWeight::from_f32(&rnd(n * k, n as u64), n, k)).collect();
+        for m in [1, 3, 70] {
+            let x = rnd(m * k, 17 + m as u64);
+            let all = matmul_tiled_many(&ws.iter().collect::<Vec<_>>(), &x, m);
+            for (w, y) in ws.iter().zip(&all) {
+                assert_eq!(*y, matmul_tiled(w, &x, m), "{m} rows x {} outputs", w.n);
+            }
         }
     }
 

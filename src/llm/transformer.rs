@@ -9,7 +9,7 @@
 
 use super::attention;
 use super::kv::{LayerKv, SeqCache};
-use super::q4k::{self, PackedQ4K};
+use super::q4k::{self, PackedQ4K, Q8KRows, SuperBlocks};
 use super::q6k::PackedQ6K;
 use super::qgemm::{self, PackedWeight};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
@@ -151,10 +151,7 @@ impl Linear {
             (_, _, Some((q, _))) => q.forward(x)?,
             (_, _, None) => unreachable!("a Linear without candle's kernel has one of palaver's"),
         };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        self.add_bias(y)
     }
 }
 
@@ -162,6 +159,98 @@ impl Linear {
 enum KQuant {
     Q4K(PackedQ4K),
     Q6K(PackedQ6K),
+}
+
+/// Both formats read the same quantized rows, so a layer's Q4_K and Q6_K
+/// weights can share one [`qgemm::matmul_tiled_many`].
+impl SuperBlocks for KQuant {
+    fn shape(&self) -> (usize, usize) {
+        match self {
+            KQuant::Q4K(p) => p.shape(),
+            KQuant::Q6K(p) => p.shape(),
+        }
+    }
+    fn scalar_row(&self, xq: &Q8KRows, r: usize, t: usize, out: &mut [f32]) {
+        match self {
+            KQuant::Q4K(p) => p.scalar_row(xq, r, t, out),
+            KQuant::Q6K(p) => p.scalar_row(xq, r, t, out),
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn vector<const R: usize>(&self, xq: &Q8KRows, r: usize, t: usize, out: *mut f32, cols: usize) {
+        match self {
+            KQuant::Q4K(p) => p.vector::<R>(xq, r, t, out, cols),
+            KQuant::Q6K(p) => p.vector::<R>(xq, r, t, out, cols),
+        }
+    }
+}
+
+impl Linear {
+    /// `x` times each of `ws` (the same input): one quantization of `x` and
+    /// one parallel loop when all of them run on palaver's kernels of one
+    /// kind in this pass, else one forward each. Same numbers either way.
+    fn forward_group<const N: usize>(ws: [&Linear; N], x: &Tensor, prompt: bool) -> Result<[Tensor; N]> {
+        let rows = x.dim(0)?;
+        let run = |ys: Vec<Vec<f32>>| -> Result<[Tensor; N]> {
+            let mut out = Vec::with_capacity(N);
+            for (w, y) in ws.iter().zip(ys) {
+                let n = y.len() / rows.max(1);
+                out.push(w.add_bias(Tensor::from_vec(y, (rows, n), x.device())?)?);
+            }
+            Ok(out.try_into().unwrap_or_else(|_| unreachable!("one product per weight")))
+        };
+        let kquants: Option<Vec<&KQuant>> = ws.iter().map(|w| w.kquant.as_ref()).collect();
+        if let Some(ps) = kquants {
+            let xs = x.flatten_all()?.to_vec1::<f32>()?;
+            return run(qgemm::matmul_tiled_many(&ps, &xs, rows));
+        }
+        let int8: Option<Vec<&PackedWeight>> =
+            ws.iter().map(|w| w.int8.as_ref().filter(|_| w.kquant.is_none() && (prompt || w.quant.is_none()))).collect();
+        if let Some(ps) = int8 {
+            let xs = x.flatten_all()?.to_vec1::<f32>()?;
+            return run(qgemm::matmul_tiled_many(&ps, &xs, rows));
+        }
+        let ys = ws.iter().map(|w| w.forward(x, prompt)).collect::<Result<Vec<_>>>()?;
+        Ok(ys.try_into().unwrap_or_else(|_| unreachable!("one product per weight")))
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// `silu(g) * u` in one pass (the MLP's gate): candle's `silu` and `mul`
+/// are two passes over rows of 9,000 and more, and its `silu` calls libm's
+/// scalar `expf` (2% of a prompt profile). Here `silu(x) = x * sigmoid(x)`
+/// with the sigmoid from `e^-|x|`, which never overflows and vectorises.
+fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if !g.device().is_cpu() {
+        return candle_nn::ops::silu(g)? * u;
+    }
+    let (gv, uv) = (g.flatten_all()?.to_vec1::<f32>()?, u.flatten_all()?.to_vec1::<f32>()?);
+    if gv.len() != uv.len() {
+        candle_core::bail!("swiglu of {} gates and {} inputs", gv.len(), uv.len());
+    }
+    let mut out = vec![0f32; gv.len()];
+    let body = |(o, (g, u)): (&mut [f32], (&[f32], &[f32]))| {
+        for ((o, &x), &y) in o.iter_mut().zip(g).zip(u) {
+            let e = crate::attend::exp(-x.abs());
+            let r = 1.0 / (1.0 + e);
+            let sigmoid = if x >= 0.0 { r } else { e * r };
+            *o = x * sigmoid * y;
+        }
+    };
+    // A decode step's row is too short to be worth waking the pool.
+    const PAR: usize = 1 << 16;
+    if out.len() <= PAR {
+        body((&mut out, (&gv, &uv)));
+    } else {
+        out.par_chunks_mut(PAR / 4).zip(gv.par_chunks(PAR / 4).zip(uv.par_chunks(PAR / 4))).for_each(body);
+    }
+    Tensor::from_vec(out, g.shape(), g.device())
 }
 
 /// `x` (rows, in) times one of palaver's repacked weights.
@@ -357,7 +446,7 @@ impl Transformer {
         let mut x = self.embed.index_select(&ids, 0)?; // (rows, hidden)
         for (i, l) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &l.attn_norm, c.rms_eps)?;
-            let (q, k, v) = (l.q.forward(&h, prompt)?, l.k.forward(&h, prompt)?, l.v.forward(&h, prompt)?);
+            let [q, k, v] = Linear::forward_group([&l.q, &l.k, &l.v], &h, prompt)?;
             let mut ys = Vec::with_capacity(steps.len());
             for (s, p) in steps.iter_mut().zip(&plans) {
                 let part = |m: &Tensor| m.narrow(0, p.row, p.t);
@@ -366,8 +455,8 @@ impl Transformer {
             let y = if ys.len() == 1 { ys.pop().unwrap() } else { Tensor::cat(&ys, 0)? };
             x = (x + l.o.forward(&y, prompt)?)?;
             let h = candle_nn::ops::rms_norm(&x, &l.ffn_norm, c.rms_eps)?;
-            let g = candle_nn::ops::silu(&l.gate.forward(&h, prompt)?)?;
-            x = (x + l.down.forward(&(g * l.up.forward(&h, prompt)?)?, prompt)?)?;
+            let [g, u] = Linear::forward_group([&l.gate, &l.up], &h, prompt)?;
+            x = (x + l.down.forward(&swiglu(&g, &u)?, prompt)?)?;
         }
         for s in steps.iter_mut() {
             s.cache.advance(s.tokens.len());
@@ -470,6 +559,25 @@ mod tests {
             let theirs: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             assert_eq!(ours.len(), n);
             assert_eq!(ours, theirs, "{dt:?}");
+        }
+    }
+
+    #[test]
+    fn fused_swiglu_equals_silu_times_input() {
+        // Gates across the sigmoid's range, both tails included; long enough
+        // for the parallel path.
+        let n = (1 << 16) + 1000;
+        let g: Vec<f32> = (0..n).map(|i| (i as f32 / n as f32 - 0.5) * 200.0).collect();
+        let u: Vec<f32> = (0..n).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+        for len in [n, 8960] {
+            let gt = Tensor::from_slice(&g[..len], (1, len), &Device::Cpu).unwrap();
+            let ut = Tensor::from_slice(&u[..len], (1, len), &Device::Cpu).unwrap();
+            let ours: Vec<f32> = swiglu(&gt, &ut).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let want: Vec<f32> =
+                (candle_nn::ops::silu(&gt).unwrap() * &ut).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            for (i, (a, b)) in ours.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "gate {} input {}: {a} vs {b}", g[i], u[i]);
+            }
         }
     }
 
