@@ -251,7 +251,7 @@ fn exp_shifted(x: &mut [f32], max: f32) -> f32 {
 /// degree 6; below -87 (under f32's normal range, nothing a softmax weight
 /// can use) it gives 0.
 #[inline(always)]
-pub(crate) fn exp(x: f32) -> f32 {
+fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     let xc = x.max(-87.0);
