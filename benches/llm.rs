@@ -7,7 +7,7 @@
 //!   cargo bench --bench llm                       # both Qwen2.5 models
 //!   PALAVER_LLMS=qwen2.5-coder-0.5b-instruct RUNS=3 cargo bench --bench llm
 //!   STOCK=0 cargo bench --bench llm               # palaver only
-//!   CHUNK=1024 cargo bench --bench llm            # prompt chunk (512, the service default)
+//!   CHUNK=1024 cargo bench --bench llm            # prompt chunk (default: the service's)
 //!   DECODE_ONLY=200 [CONTEXT=1024] cargo bench --bench llm   # decode steps only (profiling)
 //!   PASS_ROWS=1 cargo bench --bench llm           # cost of a pass by its rows (drafts)
 
@@ -35,9 +35,12 @@ impl Engine for Own<'_> {
         self.cache.truncate(0);
     }
     fn feed(&mut self, tokens: &[u32], _pos: usize) -> Tensor {
-        // Long prompts go in chunks of CHUNK tokens (512, the service's
-        // default `--prompt-chunk`).
-        let chunk = std::env::var("CHUNK").ok().and_then(|s| s.parse().ok()).unwrap_or(512);
+        // Long prompts go in chunks of CHUNK tokens (the service's default
+        // `--prompt-chunk`).
+        let chunk = std::env::var("CHUNK")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(palaver::llm::batching::BatchPolicy::default().prompt_chunk);
         let mut out = None;
         for c in tokens.chunks(chunk) {
             out = Some(self.llm.transformer().forward(c, &mut self.cache).unwrap());

@@ -19,8 +19,11 @@ pub struct BatchPolicy {
     /// KV tokens reserved by the batch (prompt + answer budget of every member):
     /// bounds the memory of the caches.
     pub max_batch_tokens: usize,
-    /// Prompt tokens per prompt pass: longer chunks use the GEMM better, shorter
-    /// ones let decode steps in sooner.
+    /// Prompt tokens per prompt pass. Shorter ones let decode steps in sooner
+    /// and keep a pass's activations in the caches (a 512-row chunk's MLP
+    /// activations are 18 MB for the 1.5B model): 256 read 1,024-token prompts
+    /// 1.1-1.3x faster than 512 on 2 cores; 128 was faster still for the
+    /// 1.5B's 512-token prompts but slower for the 0.5B (BENCHMARKS.md). Below 64 rows the int8 GEMM's row tiles run part empty.
     pub prompt_chunk: usize,
     /// Prompt passes allowed between two decode steps while sequences are
     /// generating: a long new prompt delays others' next token by at most this.
@@ -50,7 +53,7 @@ impl Default for BatchPolicy {
         Self {
             max_sequences: 8,
             max_batch_tokens: 16_384,
-            prompt_chunk: 512,
+            prompt_chunk: 256,
             prompt_passes_per_decode: 1,
             decode_share: 0.5,
             max_draft: 4,
