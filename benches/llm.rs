@@ -40,10 +40,7 @@ impl Engine for Own<'_> {
         let chunk = std::env::var("CHUNK")
             .ok()
             .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                let ffn = self.llm.transformer().config().ffn;
-                palaver::llm::batching::BatchPolicy::default().for_model(ffn).prompt_chunk
-            });
+            .unwrap_or(palaver::llm::batching::BatchPolicy::default().prompt_chunk);
         let mut out = None;
         for c in tokens.chunks(chunk) {
             out = Some(self.llm.transformer().forward(c, &mut self.cache).unwrap());

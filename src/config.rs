@@ -147,11 +147,9 @@ pub struct SummarizeArgs {
     #[arg(long, env = "PALAVER_MAX_BATCH_TOKENS", default_value_t = BatchPolicy::default().max_batch_tokens)]
     pub max_batch_tokens: usize,
 
-    /// Prompt tokens read per pass; 0 (the default) picks it per model, so
-    /// that a pass's MLP activations stay near 5 MB (256 for the 0.5B, 128
-    /// for the 1.5B). Shorter lets the other members' next tokens in sooner
-    /// and keeps activations in the CPU caches; below 64 the int8 GEMM's row
-    /// tiles run part empty.
+    /// Prompt tokens read per pass. Shorter ones let the other members' next
+    /// tokens in sooner and keep activations in the CPU caches; below 64 the
+    /// int8 GEMM's row tiles run part empty (256 was fastest on 2 cores).
     #[arg(long, env = "PALAVER_PROMPT_CHUNK", default_value_t = BatchPolicy::default().prompt_chunk)]
     pub prompt_chunk: usize,
 
@@ -184,7 +182,7 @@ impl SummarizeArgs {
             batch: BatchPolicy {
                 max_sequences: self.max_batch_sequences.max(1),
                 max_batch_tokens: self.max_batch_tokens,
-                prompt_chunk: self.prompt_chunk,
+                prompt_chunk: self.prompt_chunk.max(1),
                 decode_share: self.decode_share,
                 max_draft: self.max_draft,
                 decode_rows: self.decode_rows,

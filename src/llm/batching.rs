@@ -19,10 +19,11 @@ pub struct BatchPolicy {
     /// KV tokens reserved by the batch (prompt + answer budget of every member):
     /// bounds the memory of the caches.
     pub max_batch_tokens: usize,
-    /// Prompt tokens per prompt pass; 0 picks it per model
-    /// ([`auto_prompt_chunk`]). Shorter ones let decode steps in sooner and
-    /// keep a pass's activations in the CPU caches; below 64 rows the int8
-    /// GEMM's row tiles run part empty.
+    /// Prompt tokens per prompt pass. Shorter ones let decode steps in sooner
+    /// and keep a pass's activations in the caches (a 512-row chunk's MLP
+    /// activations are 18 MB for the 1.5B model): 256 read 1,024-token prompts
+    /// 1.1-1.3x faster than 512 on 2 cores; 128 was faster still for the
+    /// 1.5B's 512-token prompts but slower for the 0.5B (BENCHMARKS.md). Below 64 rows the int8 GEMM's row tiles run part empty.
     pub prompt_chunk: usize,
     /// Prompt passes allowed between two decode steps while sequences are
     /// generating: a long new prompt delays others' next token by at most this.
@@ -52,7 +53,7 @@ impl Default for BatchPolicy {
         Self {
             max_sequences: 8,
             max_batch_tokens: 16_384,
-            prompt_chunk: 0,
+            prompt_chunk: 256,
             prompt_passes_per_decode: 1,
             decode_share: 0.5,
             max_draft: 4,
@@ -118,31 +119,6 @@ impl BatchPolicy {
     }
 }
 
-impl BatchPolicy {
-    /// The policy with an automatic `prompt_chunk` (0) fixed for a model whose
-    /// MLP is `ffn` wide.
-    pub fn for_model(mut self, ffn: usize) -> Self {
-        if self.prompt_chunk == 0 {
-            self.prompt_chunk = auto_prompt_chunk(ffn);
-        }
-        self
-    }
-}
-
-/// Prompt rows per pass that keep its widest activation (rows x `ffn` f32,
-/// the MLP's hidden layer) within [`ACTIVATIONS`]: a power of two from 64 to
-/// 512. On 2 cores 512-row chunks (18 MB of MLP activations for the 1.5B
-/// model) read 1,024-token prompts 1.1-1.3x slower than 256; the 0.5B was
-/// fastest at 256 rows and the 1.5B at 128 (BENCHMARKS.md).
-pub fn auto_prompt_chunk(ffn: usize) -> usize {
-    let rows = ACTIVATIONS / (4 * ffn.max(1));
-    let pow2 = if rows == 0 { 1 } else { 1 << rows.ilog2() };
-    pow2.clamp(64, 512)
-}
-
-/// Bytes of one activation matrix a prompt pass aims to keep in the caches.
-const ACTIVATIONS: usize = 5 << 20;
-
 impl Scheduler {
     /// The next pass, or None when the batch is empty.
     pub fn next(&mut self, policy: &BatchPolicy, members: &[Member]) -> Option<Pass> {
@@ -190,19 +166,6 @@ mod tests {
     }
     fn generating() -> Member {
         Member { prompt_left: 0, reserved: 500 }
-    }
-
-    #[test]
-    fn automatic_prompt_chunks_keep_the_mlp_activations_near_5_mb() {
-        assert_eq!(auto_prompt_chunk(4864), 256); // Qwen2.5-0.5B
-        assert_eq!(auto_prompt_chunk(8960), 128); // Qwen2.5-1.5B
-        assert_eq!(auto_prompt_chunk(1536), 512); // SmolLM2-135M: capped
-        assert_eq!(auto_prompt_chunk(1 << 20), 64); // very wide: floored
-        let p = BatchPolicy::default();
-        assert_eq!(p.prompt_chunk, 0);
-        assert_eq!(p.clone().for_model(8960).prompt_chunk, 128);
-        let fixed = BatchPolicy { prompt_chunk: 300, ..p };
-        assert_eq!(fixed.for_model(8960).prompt_chunk, 300, "a chunk given is kept");
     }
 
     #[test]

@@ -153,7 +153,7 @@ impl Llm {
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation, LlmError> {
         let mut s = self.start(prompt.to_vec(), conversation.map(str::to_string), params.clone())?;
-        let policy = batching::BatchPolicy::default().for_model(self.model.config().ffn);
+        let policy = batching::BatchPolicy::default();
         while !s.is_done() {
             let piece = if s.prompt_left() > 0 {
                 self.read_prompt(&mut s, policy.prompt_chunk)?

@@ -35,8 +35,6 @@ pub struct Config {
     pub rms_eps: f32,
     pub rope_base: f32,
     pub context: usize,
-    /// Width of the MLP's hidden layer, the widest activation of a pass.
-    pub ffn: usize,
 }
 
 impl Config {
@@ -69,7 +67,6 @@ impl Config {
             rms_eps: get("attention.layer_norm_rms_epsilon")?.to_f32()?,
             rope_base: get("rope.freq_base").and_then(|v| v.to_f32()).unwrap_or(10_000.0),
             context: get("context_length").and_then(|v| v.to_u32()).map(|v| v as usize).unwrap_or(4096),
-            ffn: get("feed_forward_length").and_then(|v| v.to_u32()).map(|v| v as usize).unwrap_or(4 * hidden),
         })
     }
 }

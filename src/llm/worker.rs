@@ -189,7 +189,7 @@ fn run(
             return;
         }
     };
-    let policy = opts.batch.for_model(llm.transformer().config().ffn);
+    let policy = opts.batch;
     let mut waiting: VecDeque<GenerateJob> = VecDeque::new();
     let mut batch: Vec<Member> = Vec::new();
     let mut sched = Scheduler::default();
