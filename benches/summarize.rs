@@ -8,6 +8,7 @@
 //!
 //!   cargo bench --bench summarize                 # default summarizer
 //!   PALAVER_MAX_DRAFT=0 cargo bench --bench summarize   # without drafted decoding
+//!   PALAVER_PROMPT_CHUNK=256 cargo bench --bench summarize   # another prompt chunk (default 256)
 //!   PALAVER_SUMMARIZER=qwen2.5-coder-0.5b-instruct cargo bench --bench summarize
 
 use palaver::eval::TweetSummDialog;
@@ -46,9 +47,12 @@ async fn resummarise(s: &Summarizer, input: &SummarizeInput, runs: usize, cold_l
     );
 }
 
-/// The default policy, with `PALAVER_MAX_DRAFT` if set.
+/// The default policy, with `PALAVER_MAX_DRAFT` and `PALAVER_PROMPT_CHUNK` if set.
 fn batch_policy() -> palaver::llm::batching::BatchPolicy {
     let mut p = palaver::llm::batching::BatchPolicy::default();
+    if let Some(n) = std::env::var("PALAVER_PROMPT_CHUNK").ok().and_then(|s| s.parse().ok()) {
+        p.prompt_chunk = n;
+    }
     if let Some(n) = std::env::var("PALAVER_MAX_DRAFT").ok().and_then(|s| s.parse().ok()) {
         p.max_draft = n;
     }

@@ -21,9 +21,11 @@ pub struct BatchPolicy {
     pub max_batch_tokens: usize,
     /// Prompt tokens per prompt pass. Shorter ones let decode steps in sooner
     /// and keep a pass's activations in the caches (a 512-row chunk's MLP
-    /// activations are 18 MB for the 1.5B model): 256 read 1,024-token prompts
-    /// 1.1-1.3x faster than 512 on 2 cores; 128 was faster still for the
-    /// 1.5B's 512-token prompts but slower for the 0.5B (BENCHMARKS.md). Below 64 rows the int8 GEMM's row tiles run part empty.
+    /// activations are 18 MB for the 1.5B model): on 2 cores 256 read
+    /// 1,024-token prompts 1.1-1.3x faster than 512. 128 was faster for the
+    /// 1.5B's 512-token prompts, but slower for the 0.5B and for a 1,000-token
+    /// thread's summary (BENCHMARKS.md). Below 64 rows the int8 GEMM's row
+    /// tiles run part empty.
     pub prompt_chunk: usize,
     /// Prompt passes allowed between two decode steps while sequences are
     /// generating: a long new prompt delays others' next token by at most this.
