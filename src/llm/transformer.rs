@@ -136,7 +136,7 @@ impl Linear {
         let y = match (&self.kquant, &self.int8, &self.quant) {
             (Some(KQuant::Q4K(p)), _, _) => tiled_matmul(p, x)?,
             (Some(KQuant::Q6K(p)), _, _) => tiled_matmul(p, x)?,
-            (_, Some(p), q) if prompt || q.is_none() => tiled_matmul(p, x)?,
+            (_, Some(p), _) if self.own_int8(prompt).is_some() => tiled_matmul(p, x)?,
             (_, None, Some((_, raw))) if prompt && raw.device().is_cpu() && !self.candle_int8 => {
                 x.matmul(&dequantize(raw)?.t()?)?
             }
@@ -204,14 +204,19 @@ impl Linear {
             let xs = x.flatten_all()?.to_vec1::<f32>()?;
             return run(qgemm::matmul_tiled_many(&ps, &xs, rows));
         }
-        let int8: Option<Vec<&PackedWeight>> =
-            ws.iter().map(|w| w.int8.as_ref().filter(|_| w.kquant.is_none() && (prompt || w.quant.is_none()))).collect();
+        let int8: Option<Vec<&PackedWeight>> = ws.iter().map(|w| w.own_int8(prompt)).collect();
         if let Some(ps) = int8 {
             let xs = x.flatten_all()?.to_vec1::<f32>()?;
             return run(qgemm::matmul_tiled_many(&ps, &xs, rows));
         }
         let ys = ws.iter().map(|w| w.forward(x, prompt)).collect::<Result<Vec<_>>>()?;
         Ok(ys.try_into().unwrap_or_else(|_| unreachable!("one product per weight")))
+    }
+
+    /// palaver's int8 GEMM, when it runs this weight in this pass: always
+    /// where candle has no kernel for it, for prompts where it has one.
+    fn own_int8(&self, prompt: bool) -> Option<&PackedWeight> {
+        self.int8.as_ref().filter(|_| prompt || self.quant.is_none())
     }
 
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {
@@ -566,11 +571,12 @@ mod tests {
     #[test]
     fn fused_swiglu_equals_silu_times_input() {
         // Gates across the sigmoid's range, both tails included; long enough
-        // for the parallel path. Bit for bit: the same formula as candle's.
+        // for the parallel path and short enough for the serial one. Bit for
+        // bit: the same formula as candle's.
         let n = (1 << 16) + 1000;
         let g: Vec<f32> = (0..n).map(|i| (i as f32 / n as f32 - 0.5) * 200.0).collect();
         let u: Vec<f32> = (0..n).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
-        for len in [n, 8960] {
+        for len in [n, 8960, 1000] {
             let gt = Tensor::from_slice(&g[..len], (1, len), &Device::Cpu).unwrap();
             let ut = Tensor::from_slice(&u[..len], (1, len), &Device::Cpu).unwrap();
             let ours: Vec<f32> = swiglu(&gt, &ut).unwrap().flatten_all().unwrap().to_vec1().unwrap();
