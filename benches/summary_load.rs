@@ -17,7 +17,10 @@ use palaver::summarize::SummarizeConfig;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
-fn request(t: &palaver::summarize::thread::SummarizeInput, id: String) -> pb::SummarizeRequest {
+/// Thread `t` as one the service has never seen, under `id`: the warm-up,
+/// solo and loaded runs of a thread share only the cached instructions.
+fn request(t: &palaver::summarize::thread::SummarizeInput, id: &str) -> pb::SummarizeRequest {
+    let t = palaver::eval::as_new_thread(t, id);
     let messages = t
         .thread
         .messages
@@ -29,7 +32,7 @@ fn request(t: &palaver::summarize::thread::SummarizeInput, id: String) -> pb::Su
             ..Default::default()
         })
         .collect();
-    pb::SummarizeRequest { thread: Some(pb::Thread { thread_id: id, messages }), ..Default::default() }
+    pb::SummarizeRequest { thread: Some(pb::Thread { thread_id: t.thread.id, messages }), ..Default::default() }
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -55,7 +58,7 @@ async fn main() {
     let mut c = AssistClient::new(ch.clone());
     // Wait for the model, then warm up.
     loop {
-        match c.summarize(request(&threads[0], "warm-up".into())).await {
+        match c.summarize(request(&threads[0], "warm-up")).await {
             Ok(_) => break,
             Err(e) if e.code() == tonic::Code::Unavailable => tokio::time::sleep(Duration::from_millis(500)).await,
             Err(e) => panic!("{e}"),
@@ -66,7 +69,7 @@ async fn main() {
     let mut solo = Vec::new();
     for (i, t) in threads.iter().enumerate().take(2) {
         let started = Instant::now();
-        let r = c.summarize(request(t, format!("solo-{i}"))).await.unwrap().into_inner();
+        let r = c.summarize(request(t, &format!("solo-{i}"))).await.unwrap().into_inner();
         solo.push(started.elapsed().as_secs_f64());
         let tk = r.tokens.unwrap_or_default();
         println!("solo {i}: {:.1} s, prompt {} tokens, generated {}", solo[i], tk.prompt_tokens, tk.generated_tokens);
@@ -78,7 +81,7 @@ async fn main() {
         .enumerate()
         .map(|(i, t)| {
             let mut c = AssistClient::new(ch.clone());
-            let req = request(t, format!("load-{i}"));
+            let req = request(t, &format!("load-{i}"));
             tokio::spawn(async move {
                 let t = Instant::now();
                 let r = c.summarize(req).await.expect("summarize").into_inner();

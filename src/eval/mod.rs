@@ -71,6 +71,18 @@ pub fn long_thread(dialogs: &[TweetSummDialog], start: usize, target: usize, cou
     input
 }
 
+/// `input` as a thread the service has never seen: id `id` and a first message
+/// of its own, so that a benchmark repeating one thread reuses only the
+/// instructions before the transcript, never the transcript itself.
+pub fn as_new_thread(input: &SummarizeInput, id: &str) -> SummarizeInput {
+    let mut x = input.clone();
+    x.thread.id = id.to_string();
+    if let Some(m) = x.thread.messages.first_mut() {
+        m.text = format!("Hi, this is chat {id}. {}", m.text);
+    }
+    x
+}
+
 /// Lower-cased alphanumeric tokens (no stemming, no stop-word removal).
 pub fn tokens(text: &str) -> Vec<String> {
     text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase).collect()

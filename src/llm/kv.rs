@@ -297,18 +297,28 @@ impl PrefixCache {
         self.entries.is_empty()
     }
 
-    /// Loads into `cache` the longest cached prefix of `prompt` for `key` and
-    /// returns its length; at least one prompt token is always left to run, as
-    /// the last one's logits start generation.
+    /// Loads into `cache` the longest cached prefix of `prompt` and returns its
+    /// length; at least one prompt token is always left to run, as the last
+    /// one's logits start generation. The prefix may come from any entry, the
+    /// conversation `key`'s own winning ties: the cache of a position is a
+    /// function of the tokens up to it, so every thread shares the cached
+    /// instructions that precede its transcript, and a grown thread its own
+    /// earlier prompt. (What another conversation can learn is only that its
+    /// prefix was seen before, from the time it took.)
     pub fn load(&mut self, key: &str, prompt: &[u32], cache: &mut SeqCache) -> Result<usize> {
         cache.truncate(0);
         self.clock += 1;
-        let Some(e) = self.entries.get_mut(key) else { return Ok(0) };
-        e.used = self.clock;
-        let shared = common_prefix(&e.tokens, prompt).min(prompt.len().saturating_sub(1));
+        let limit = prompt.len().saturating_sub(1);
+        let best = self
+            .entries
+            .iter_mut()
+            .map(|(k, e)| (common_prefix(&e.tokens, prompt).min(limit), k == key, e))
+            .max_by_key(|(shared, own, _)| (*shared, *own));
+        let Some((shared, _, e)) = best else { return Ok(0) };
         if shared == 0 {
             return Ok(0);
         }
+        e.used = self.clock;
         cache.restore(&e.snap, shared)?;
         Ok(shared)
     }
@@ -431,14 +441,34 @@ mod tests {
         assert!(orig.0.iter().flatten().any(|&x| x != 0.0));
         // The identical prompt still leaves its last token to run.
         assert_eq!(pc.load("a", &prompt, &mut c).unwrap(), 7);
-        assert_eq!(pc.load("unknown", &prompt, &mut c).unwrap(), 0);
-        pc.store("b", &prompt, &src).unwrap();
+        // Another conversation shares only the tokens in common (in the
+        // service: the instructions before the transcript).
+        assert_eq!(pc.load("unknown", &grown, &mut c).unwrap(), 6);
+        assert_eq!(host(&c.snapshot(6).unwrap()), orig);
+        assert_eq!(pc.load("unknown", &[50, 51, 52], &mut c).unwrap(), 0);
+        assert_eq!(c.len(), 0);
+        let (pb, pcc): (Vec<u32>, Vec<u32>) = ((10..18).collect(), (20..28).collect());
+        pc.store("b", &pb, &src).unwrap();
         pc.load("a", &prompt, &mut c).unwrap(); // "a" is now the most recent
-        pc.store("c", &prompt, &src).unwrap();
+        pc.store("c", &pcc, &src).unwrap();
         assert_eq!(pc.len(), 2);
         assert!(pc.bytes() <= per_entry * 2);
-        assert_eq!(pc.load("b", &prompt, &mut c).unwrap(), 0, "b was least recently used");
+        assert_eq!(pc.load("b", &pb, &mut c).unwrap(), 0, "b was least recently used");
         assert_eq!(pc.load("a", &prompt, &mut c).unwrap(), 7);
+        assert_eq!(pc.load("c", &pcc, &mut c).unwrap(), 7);
+    }
+
+    #[test]
+    fn the_conversations_own_entry_wins_a_tie() {
+        let (mine, other) = (filled(4, 0.0), filled(4, 1000.0));
+        let mut pc = PrefixCache::new(1 << 20);
+        pc.store("other", &[1, 2, 3, 4], &other).unwrap();
+        pc.store("mine", &[1, 2, 3, 4], &mine).unwrap();
+        let mut c = SeqCache::new(2, 2, 4, &Device::Cpu);
+        assert_eq!(pc.load("mine", &[1, 2, 3, 9], &mut c).unwrap(), 3);
+        assert_eq!(host(&c.snapshot(3).unwrap()), host(&mine.snapshot(3).unwrap()));
+        assert_eq!(pc.load("other", &[1, 2, 3, 9], &mut c).unwrap(), 3);
+        assert_eq!(host(&c.snapshot(3).unwrap()), host(&other.snapshot(3).unwrap()));
     }
 
     #[test]

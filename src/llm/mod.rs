@@ -54,7 +54,7 @@ pub enum StopReason {
 pub struct Generation {
     pub text: String,
     pub prompt_tokens: usize,
-    /// Prompt tokens whose keys and values came from the conversation's cache.
+    /// Prompt tokens whose keys and values came from the prefix cache.
     pub reused_prompt_tokens: usize,
     pub generated_tokens: usize,
     /// Generated tokens that came from accepted drafts (no pass of their own).
@@ -141,9 +141,10 @@ impl Llm {
     }
 
     /// Greedy generation. `on_text` receives each new piece of decoded text and
-    /// returns false to stop (the client went away). With a `conversation` key,
-    /// the longest prefix of `prompt` cached for it is not recomputed, and this
-    /// prompt's cache replaces it. The model thread runs the same steps for
+    /// returns false to stop (the client went away). The longest prefix of
+    /// `prompt` in the prefix cache (the conversation's own earlier prompt, or
+    /// instructions shared with any other) is not recomputed, and this
+    /// prompt's cache replaces the conversation's (`None`: one shared slot). The model thread runs the same steps for
     /// many sequences at once (`worker`); this is the one-sequence loop.
     pub fn generate(
         &mut self,
@@ -170,8 +171,8 @@ impl Llm {
         self.finish(s)
     }
 
-    /// Begins a sequence: checks its length and loads the conversation's cached
-    /// prefix, if any.
+    /// Begins a sequence: checks its length and loads the longest cached
+    /// prefix of its prompt, if any.
     pub fn start(
         &mut self,
         prompt: Vec<u32>,
@@ -183,13 +184,8 @@ impl Llm {
             return Err(LlmError::ContextExceeded { tokens: prompt.len(), limit: context });
         }
         let mut cache = self.spare.pop().unwrap_or_else(|| self.model.new_cache());
-        let (reused, previous) = match &conversation {
-            Some(key) => (self.prefixes.load(key, &prompt, &mut cache)?, self.prefixes.answer(key).to_vec()),
-            None => {
-                cache.truncate(0);
-                (0, Vec::new())
-            }
-        };
+        let reused = self.prefixes.load(conversation.as_deref().unwrap_or(ANONYMOUS), &prompt, &mut cache)?;
+        let previous = conversation.as_deref().map_or_else(Vec::new, |key| self.prefixes.answer(key).to_vec());
         let max_new = params.max_new_tokens.min(context - prompt.len());
         // Drafts never reach past the answer budget (`next_input`), so the
         // cache is sized once here and never copied to grow mid-answer.
@@ -223,9 +219,7 @@ impl Llm {
         if s.read < s.prompt.len() {
             return Ok(None);
         }
-        if let Some(key) = &s.conversation {
-            self.prefixes.store(key, &s.prompt, &s.cache)?;
-        }
+        self.prefixes.store(s.conversation.as_deref().unwrap_or(ANONYMOUS), &s.prompt, &s.cache)?;
         s.prompt_time = s.started.elapsed();
         s.generation_started = Some(Instant::now());
         self.accept(s, &logits.squeeze(0)?)
@@ -417,6 +411,10 @@ impl IncrementalDecoder {
         Ok(Some(piece))
     }
 }
+
+/// The prefix-cache slot of requests without a conversation: the latest one's
+/// prompt, kept so that the next shares its instructions.
+const ANONYMOUS: &str = "";
 
 /// ChatML, the template of both Qwen2.5 and SmolLM2. `assistant_prefix` is
 /// text the answer is forced to start with.

@@ -41,6 +41,10 @@ pub fn transcript(messages: &[Message], cut: &Cut) -> String {
     out
 }
 
+/// Everything that does not depend on the thread comes first: the cached
+/// instructions are then shared by every thread in the same language and
+/// answer length, and a thread re-summarised after a new message reads only
+/// that message and the short request after it.
 pub fn system(spec: &PromptSpec) -> String {
     format!(
         "You write hand-over notes for customer-support agents. You read a chat between a customer and a company \
@@ -50,15 +54,8 @@ pub fn system(spec: &PromptSpec) -> String {
          - Use only facts stated in the chat. Copy order numbers, amounts, dates, e-mails, phone numbers and links \
          exactly as written; never make one up. Do not promise anything the company did not promise.\n\
          - If the chat gives an order, ticket or protocol number, put it in the SUMMARY.\n\
-         - Be short and concrete.",
-        lang = spec.language_name
-    )
-}
-
-pub fn user(spec: &PromptSpec, transcript: &str) -> String {
-    let mut s = format!(
-        "Chat:\n{transcript}\n\
-         Write the note in {lang}, in exactly this format:\n\
+         - Be short and concrete.\n\
+         Write the note in exactly this format:\n\
          {SUMMARY}: <one to three sentences, at most {words} words>\n\
          {ISSUE}: <what the customer wants or what went wrong>\n\
          {ACTIONS}: <what the company has already done, or -> \n\
@@ -66,14 +63,15 @@ pub fn user(spec: &PromptSpec, transcript: &str) -> String {
          {NEXT}: <the next step; separate several steps with ;>",
         lang = spec.language_name,
         words = spec.max_words,
-    );
+    )
+}
+
+pub fn user(spec: &PromptSpec, transcript: &str) -> String {
+    let mut s = format!("Chat:\n{transcript}");
     if !spec.forbidden.is_empty() {
-        s.push_str(&format!(
-            "\nDo not mention {}: they do not appear in the chat.",
-            spec.forbidden.join(", ")
-        ));
+        s.push_str(&format!("Do not mention {}: they do not appear in the chat.\n", spec.forbidden.join(", ")));
     }
-    s.push_str(&format!("\nAnswer in {}.", spec.language_name));
+    s.push_str(&format!("Write the note for this chat in {}, in the format above.", spec.language_name));
     s
 }
 
@@ -145,6 +143,13 @@ mod tests {
         assert!(p.contains("in Russian only"));
         assert!(p.contains("at most 40 words"));
         assert!(p.contains("Do not mention 558813"));
+        // The thread comes after everything that does not depend on it.
+        let chat = p.find("Customer: hi").unwrap();
+        for fixed in ["Rules:", "in exactly this format", "NEXT: <"] {
+            assert!(p.find(fixed).unwrap() < chat, "{fixed}");
+        }
+        let other = build(&PromptSpec { forbidden: &[], ..spec }, "Customer: something else\n").0;
+        assert_eq!(&p[..chat], &other[..chat], "two threads share the prompt up to the transcript");
         for label in [SUMMARY, ISSUE, ACTIONS, STATUS, NEXT] {
             assert!(p.contains(&format!("{label}: <")), "{label}");
         }

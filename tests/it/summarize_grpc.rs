@@ -306,6 +306,23 @@ async fn same_thread_gives_the_same_summary() {
 }
 
 #[tokio::test]
+async fn a_new_thread_reads_only_its_transcript() {
+    if !palaver::llm::prompt_rows_exact(&candle_core::Device::Cpu) {
+        return; // reuse is off where it would not be exact
+    }
+    let s = fixture_server();
+    s.wait_serving().await;
+    let a = thread("share-a", &[(Customer, "My order 7710 arrived late and the box was wet."), (Agent, "Sorry! I logged a complaint.")]);
+    let b = thread("share-b", &[(Customer, "I was charged twice for plan PLN-3301."), (Agent, "I see both payments.")]);
+    s.client().await.summarize(a).await.expect("summarize");
+    let t = s.client().await.summarize(b).await.expect("summarize").into_inner().tokens.unwrap();
+    // The instructions before the transcript (some 200 tokens) come from the
+    // first thread's cache; the second thread's own words never do.
+    assert!(t.reused_prompt_tokens > 150, "{t:?}");
+    assert!(t.prompt_tokens - t.reused_prompt_tokens > 20, "{t:?}");
+}
+
+#[tokio::test]
 async fn a_passed_deadline_stops_the_generation() {
     let mut cfg = SummarizeConfig::default();
     cfg.max_new_tokens = 2000;
