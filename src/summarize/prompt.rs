@@ -71,7 +71,13 @@ pub fn user(spec: &PromptSpec, transcript: &str) -> String {
     if !spec.forbidden.is_empty() {
         s.push_str(&format!("Do not mention {}: they do not appear in the chat.\n", spec.forbidden.join(", ")));
     }
-    s.push_str(&format!("Write the note for this chat in {}, in the format above.", spec.language_name));
+    // A reminder of what small models drop first when the format is far above:
+    // the id in the summary, and a field.
+    s.push_str(&format!(
+        "Write the note for this chat in {}, in the format above: {SUMMARY} (with any order, ticket or protocol \
+         number), {ISSUE}, {ACTIONS}, {STATUS}, {NEXT}.",
+        spec.language_name
+    ));
     s
 }
 
