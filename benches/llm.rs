@@ -10,6 +10,7 @@
 //!   CHUNK=1024 cargo bench --bench llm            # prompt chunk (default: the service's)
 //!   DECODE_ONLY=200 [CONTEXT=1024] cargo bench --bench llm   # decode steps only (profiling)
 //!   PASS_ROWS=1 cargo bench --bench llm           # cost of a pass by its rows (drafts)
+//!   DECODE_RATIO=8 cargo bench --bench llm        # after-1,024 / short generation, alternated
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
@@ -168,6 +169,33 @@ fn main() {
                 logits = e.feed(&[argmax(&logits).unwrap()], ctx + i);
             }
             println!("| {name} | palaver decode only | | | {:.1} | |", n as f64 / t.elapsed().as_secs_f64());
+            continue;
+        }
+        if let Some(pairs) = std::env::var("DECODE_RATIO").ok().and_then(|s| s.parse::<usize>().ok()) {
+            // 64 tokens after a 16-token and after a 1,024-token context,
+            // alternated in one process, so that the VM's drift hits both alike.
+            let mut e = Own { llm: &llm, cache: llm.transformer().new_cache() };
+            let (mut short, mut long, mut ratio) = (vec![], vec![], vec![]);
+            for _ in 0..pairs {
+                for ctx in [16, 1024] {
+                    e.reset();
+                    let mut logits = e.feed(&tokens[..ctx], 0);
+                    let t = Instant::now();
+                    for i in 0..64 {
+                        logits = e.feed(&[argmax(&logits).unwrap()], ctx + i);
+                    }
+                    let v = if ctx == 16 { &mut short } else { &mut long };
+                    v.push(64.0 / t.elapsed().as_secs_f64());
+                }
+                ratio.push(long[long.len() - 1] / short[short.len() - 1]);
+            }
+            println!(
+                "| {name} | palaver, {pairs} alternated pairs | short {:.1} tok/s | after 1,024 {:.1} tok/s | ratio median {:.1}% (pairs: {}) |",
+                median(short),
+                median(long),
+                100.0 * median(ratio.clone()),
+                ratio.iter().map(|r| format!("{:.0}%", 100.0 * r)).collect::<Vec<_>>().join(" ")
+            );
             continue;
         }
         let own = measure(&mut Own { llm: &llm, cache: llm.transformer().new_cache() }, &tokens, runs);

@@ -23,8 +23,8 @@ use std::time::Instant;
 async fn resummarise(s: &Summarizer, input: &SummarizeInput, runs: usize, cold_latency: f64) {
     let (mut lat, mut prompt_ms, mut gen_ms, mut reused, mut total, mut generated, mut drafted) = (vec![], vec![], vec![], 0, 0, 0, 0);
     for i in 0..runs {
-        let mut x = input.clone();
-        x.thread.id = format!("grow-{i}");
+        // Each run its own thread: another run's grown prompt would be reused whole.
+        let mut x = palaver::eval::as_new_thread(input, &format!("grow-{i}"));
         s.summarize(x.clone(), None).await.unwrap();
         let mut m = x.thread.messages.iter().find(|m| m.role == palaver::summarize::thread::Role::Customer).unwrap().clone();
         m.id = format!("new-{i}");
@@ -86,7 +86,7 @@ fn main() {
         let cfg = SummarizeConfig { faithfulness_retries: 0, ..SummarizeConfig::default() };
         let s = Summarizer::new(llm.clone(), cfg);
         println!("model {name}, {runs} runs after a warm-up, threads {}", rayon::current_num_threads());
-        println!("| thread | prompt tokens | generated | latency median (s) | prompt tok/s | generated tok/s |");
+        println!("| thread | prompt tokens (reused) | generated | latency median (s) | prompt tok/s (tokens read) | generated tok/s |");
         println!("|---|---|---|---|---|---|");
         for target in [200usize, 1000] {
             let tok = llm.tokenizer().clone();
@@ -99,17 +99,21 @@ fn main() {
             let _ = s.summarize(cold(runs), None).await.unwrap();
             println!("| ~{target} tokens, first request after start (nothing cached) | | | {:.1} | | |", t.elapsed().as_secs_f64());
             let (mut lat, mut pps, mut gps) = (vec![], vec![], vec![]);
-            let (mut pt, mut gt, mut dt) = (0, 0, 0);
+            let (mut pt, mut ru, mut gt, mut dt) = (0, 0, 0, 0);
             for i in 0..runs {
                 let t = Instant::now();
                 let r = s.summarize(cold(i), None).await.unwrap();
                 lat.push(t.elapsed().as_secs_f64());
-                pps.push(r.timings.prompt_tokens as f64 * 1e3 / r.timings.prompt_ms);
+                if i == 0 && std::env::var_os("SHOW").is_some() {
+                    eprintln!("{target}: {}", r.raw.replace('\n', " // "));
+                }
+                let read = r.timings.prompt_tokens - r.timings.reused_prompt_tokens;
+                pps.push(read as f64 * 1e3 / r.timings.prompt_ms);
                 gps.push(r.timings.generated_tokens as f64 * 1e3 / r.timings.generation_ms.max(1.0));
-                (pt, gt, dt) = (r.timings.prompt_tokens, r.timings.generated_tokens, r.timings.drafted_tokens);
+                (pt, ru, gt, dt) = (r.timings.prompt_tokens, r.timings.reused_prompt_tokens, r.timings.generated_tokens, r.timings.drafted_tokens);
             }
             let cold_latency = median(lat.clone());
-            println!("| ~{target} tokens | {pt} | {gt} ({dt} drafted) | {cold_latency:.1} | {:.1} | {:.1} |", median(pps), median(gps));
+            println!("| ~{target} tokens, new thread | {pt} ({ru}) | {gt} ({dt} drafted) | {cold_latency:.1} | {:.1} | {:.1} |", median(pps), median(gps));
             if target == 1000 {
                 resummarise(&s, &input, runs, cold_latency).await;
             }

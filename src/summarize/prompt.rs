@@ -71,12 +71,14 @@ pub fn user(spec: &PromptSpec, transcript: &str) -> String {
     if !spec.forbidden.is_empty() {
         s.push_str(&format!("Do not mention {}: they do not appear in the chat.\n", spec.forbidden.join(", ")));
     }
-    // A reminder of what small models drop first when the format is far above:
-    // the id in the summary, and a field.
+    // A compact copy of the format: far above, small models drop its details
+    // (the status values, the id, the length) and pad the note.
     s.push_str(&format!(
-        "Write the note for this chat in {}, in the format above: {SUMMARY} (with any order, ticket or protocol \
-         number), {ISSUE}, {ACTIONS}, {STATUS}, {NEXT}.",
-        spec.language_name
+        "Write the note for this chat in {lang}, five short lines: {SUMMARY} (at most {words} words, with any order, \
+         ticket or protocol number), {ISSUE}, {ACTIONS}, {STATUS} (waiting_on_agent, waiting_on_customer, resolved or \
+         unknown), {NEXT}.",
+        lang = spec.language_name,
+        words = spec.max_words,
     ));
     s
 }
