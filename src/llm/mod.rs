@@ -144,8 +144,9 @@ impl Llm {
     /// returns false to stop (the client went away). The longest prefix of
     /// `prompt` in the prefix cache (the conversation's own earlier prompt, or
     /// instructions shared with any other) is not recomputed, and this
-    /// prompt's cache replaces the conversation's (`None`: one shared slot). The model thread runs the same steps for
-    /// many sequences at once (`worker`); this is the one-sequence loop.
+    /// prompt's cache replaces the conversation's (`None`: one shared slot).
+    /// The model thread runs the same steps for many sequences at once
+    /// (`worker`); this is the one-sequence loop.
     pub fn generate(
         &mut self,
         prompt: &[u32],
