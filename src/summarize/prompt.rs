@@ -158,6 +158,9 @@ mod tests {
         }
         let other = build(&PromptSpec { forbidden: &[], ..spec }, "Customer: something else\n").0;
         assert_eq!(&p[..chat], &other[..chat], "two threads share the prompt up to the transcript");
+        // What a grown thread reads again after its new message stays short.
+        let after = &p[chat + "Customer: hi\n".len()..];
+        assert!(after.len() < 400 && after.contains("in Russian") && after.contains("waiting_on_customer"), "{after}");
         for label in [SUMMARY, ISSUE, ACTIONS, STATUS, NEXT] {
             assert!(p.contains(&format!("{label}: <")), "{label}");
         }
