@@ -2,14 +2,17 @@
 //! a ~200-token and a ~1,000-token TweetSumm thread, each summarised RUNS times
 //! (default 3) after one warm-up; prints the median latency and the prompt and
 //! generation speeds. Every run is a new thread (its own id and first
-//! message), so only the instructions before the transcript are reused; then the ~1,000-token thread grows by one ~30-token customer message and is
-//! summarised again under the same id (prefix reuse). Not criterion: one sample of the 1.5B model takes minutes
-//! on 2 cores, and criterion's minimum of 10 samples would take an hour.
+//! message), so only the instructions before the transcript are reused; then
+//! the ~1,000-token thread grows by one ~30-token customer message and is
+//! summarised again under the same id (prefix reuse). Not criterion: one
+//! sample of the 1.5B model takes minutes on 2 cores, and criterion's minimum
+//! of 10 samples would take an hour.
 //!
 //!   cargo bench --bench summarize                 # default summarizer
 //!   PALAVER_MAX_DRAFT=0 cargo bench --bench summarize   # without drafted decoding
 //!   PALAVER_PROMPT_CHUNK=256 cargo bench --bench summarize   # another prompt chunk (default 256)
 //!   PALAVER_SUMMARIZER=qwen2.5-coder-0.5b-instruct cargo bench --bench summarize
+//!   SHOW=1 cargo bench --bench summarize          # also print each thread's first note
 
 use palaver::eval::TweetSummDialog;
 use palaver::llm::LlmHandle;
