@@ -2,6 +2,18 @@
 //! encoder and of the decoder need AVX-512 (F, BW) with VNNI. Also the f32
 //! dot product and sum the crate's hand-written loops share.
 
+/// Whether 512-bit f32 vectors (AVX-512 F) are there.
+pub fn avx512f() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether `vpdpbusd` on 512-bit registers (AVX-512 F, BW and VNNI) is there.
 pub fn avx512_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
