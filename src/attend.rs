@@ -2,11 +2,14 @@
 //! their keys (the decoder's causal attention, streamed from its KV cache)
 //! and all the queries of one short message and head (the encoder's).
 
+use half::f16;
+
 /// `out_g = softmax(scale * q_g . K) V` for the query heads `qs` that share
 /// one KV head, over its first `n` positions: `keys` in blocks of 16
 /// positions stored dimension-major (`[block][dim][16]`, at least `n` rounded
 /// up to 32 positions: the cache's layout, [`crate::llm::kv::SeqCache`]),
-/// `vals` one row of `d` per position. `out` holds the heads' results one
+/// `vals` one row of `d` per position, both f16 (widened to f32 as they are
+/// read; all arithmetic is f32). `out` holds the heads' results one
 /// after another (`d` each, overwritten); `p` is scratch.
 ///
 /// Heads go in blocks of up to 8 (Qwen2.5's 6 or 7 per KV head in one), so
@@ -16,7 +19,7 @@
 /// output, so a token's result never depends on how many tokens were read
 /// with it.
 #[allow(clippy::too_many_arguments)]
-pub fn query_group(qs: &[&[f32]], keys: &[f32], vals: &[f32], n: usize, scale: f32, p: &mut Vec<f32>, out: &mut [f32]) {
+pub fn query_group(qs: &[&[f32]], keys: &[f16], vals: &[f16], n: usize, scale: f32, p: &mut Vec<f32>, out: &mut [f32]) {
     let (g, d) = (qs.len(), out.len() / qs.len().max(1));
     assert!(qs.iter().all(|q| q.len() == d) && out.len() == g * d, "{g} queries of {d}");
     assert!(keys.len() >= n.next_multiple_of(2 * LANES) * d && vals.len() >= n * d, "keys and values of {n} positions");
@@ -44,7 +47,7 @@ const MAX_HEADS: usize = 8;
 
 /// [`query_group`] for one block of `H` heads; `w` is its `H x n` scratch.
 #[allow(clippy::too_many_arguments)]
-fn group<const H: usize>(q: &[&[f32]; H], keys: &[f32], vals: &[f32], n: usize, scale: f32, w: &mut [f32], out: &mut [f32]) {
+fn group<const H: usize>(q: &[&[f32]; H], keys: &[f16], vals: &[f16], n: usize, scale: f32, w: &mut [f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::avx512f() {
         // SAFETY: AVX-512 F is present; the lengths were checked by `query_group`.
@@ -56,15 +59,15 @@ fn group<const H: usize>(q: &[&[f32]; H], keys: &[f32], vals: &[f32], n: usize, 
 
 /// [`group`] without target features (the compiler vectorises what it can).
 #[allow(clippy::too_many_arguments)]
-fn portable_group<const H: usize>(q: &[&[f32]; H], keys: &[f32], vals: &[f32], n: usize, scale: f32, w: &mut [f32], out: &mut [f32]) {
+fn portable_group<const H: usize>(q: &[&[f32]; H], keys: &[f16], vals: &[f16], n: usize, scale: f32, w: &mut [f32], out: &mut [f32]) {
     let d = out.len() / H;
     // Scores, 32 keys at a time: two blocks of 16 key lanes per head.
     for pair in 0..n.div_ceil(2 * LANES) {
         let kb = &keys[pair * 2 * LANES * d..][..2 * LANES * d];
         let (mut a, mut b) = ([[0f32; LANES]; H], [[0f32; LANES]; H]);
         for c in 0..d {
-            let k0: &[f32; LANES] = kb[c * LANES..][..LANES].try_into().expect("16 lanes");
-            let k1: &[f32; LANES] = kb[(d + c) * LANES..][..LANES].try_into().expect("16 lanes");
+            let k0: [f32; LANES] = std::array::from_fn(|l| kb[c * LANES + l].to_f32());
+            let k1: [f32; LANES] = std::array::from_fn(|l| kb[(d + c) * LANES + l].to_f32());
             for h in 0..H {
                 let x = q[h][c];
                 for l in 0..LANES {
@@ -107,11 +110,11 @@ fn softmax_rows<const H: usize>(w: &mut [f32], n: usize) -> [f32; H] {
 }
 
 /// The columns past the last whole 16 (none for head widths of 64 or 128).
-fn value_tail<const H: usize>(w: &[f32], inv: &[f32; H], vals: &[f32], n: usize, full: usize, out: &mut [f32]) {
+fn value_tail<const H: usize>(w: &[f32], inv: &[f32; H], vals: &[f16], n: usize, full: usize, out: &mut [f32]) {
     let d = out.len() / H;
     for h in 0..H {
         for col in full..d {
-            let s = (0..n).fold(0f32, |s, j| w[h * n + j].mul_add(vals[j * d + col], s));
+            let s = (0..n).fold(0f32, |s, j| w[h * n + j].mul_add(vals[j * d + col].to_f32(), s));
             out[h * d + col] = s * inv[h];
         }
     }
@@ -128,7 +131,15 @@ fn value_tail<const H: usize>(w: &[f32], inv: &[f32; H], vals: &[f32], n: usize,
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::LANES;
+    use half::f16;
     use std::arch::x86_64::*;
+
+    /// 16 f16 values from `p` as f32 (exact: every f16 is an f32).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn widen(p: *const f16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+    }
 
     /// Vectors handled together for a block of `h` heads.
     const fn width(h: usize) -> usize {
@@ -140,7 +151,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn group<const H: usize>(q: &[&[f32]; H], keys: &[f32], vals: &[f32], n: usize, scale: f32, w: &mut [f32], out: &mut [f32]) {
+    pub unsafe fn group<const H: usize>(q: &[&[f32]; H], keys: &[f16], vals: &[f16], n: usize, scale: f32, w: &mut [f32], out: &mut [f32]) {
         let d = out.len() / H;
         let mut qp = [std::ptr::null::<f32>(); H];
         for h in 0..H {
@@ -183,14 +194,14 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn scores<const H: usize, const B: usize>(q: &[*const f32; H], keys: &[f32], d: usize, n: usize, b0: usize, scale: f32, w: &mut [f32]) {
+    unsafe fn scores<const H: usize, const B: usize>(q: &[*const f32; H], keys: &[f16], d: usize, n: usize, b0: usize, scale: f32, w: &mut [f32]) {
         debug_assert!(keys.len() >= (b0 + B) * LANES * d);
         let base = keys.as_ptr().add(b0 * LANES * d);
         let mut acc = [[_mm512_setzero_ps(); B]; H];
         for c in 0..d {
             let mut k = [_mm512_setzero_ps(); B];
             for b in 0..B {
-                k[b] = _mm512_loadu_ps(base.add((b * d + c) * LANES));
+                k[b] = widen(base.add((b * d + c) * LANES));
             }
             for h in 0..H {
                 let x = _mm512_set1_ps(*q[h].add(c));
@@ -215,14 +226,14 @@ mod avx512 {
     /// Columns `cb .. cb + 16 C` of `out_h = inv[h] * sum_j w[h][j] * V_j`.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn values<const H: usize, const C: usize>(w: &[f32], inv: &[f32; H], vals: &[f32], d: usize, n: usize, cb: usize, out: &mut [f32]) {
+    unsafe fn values<const H: usize, const C: usize>(w: &[f32], inv: &[f32; H], vals: &[f16], d: usize, n: usize, cb: usize, out: &mut [f32]) {
         debug_assert!(vals.len() >= n * d && cb + C * LANES <= d && w.len() >= H * n);
         let mut acc = [[_mm512_setzero_ps(); C]; H];
         let (vp, wp) = (vals.as_ptr().add(cb), w.as_ptr());
         for j in 0..n {
             let mut v = [_mm512_setzero_ps(); C];
             for c in 0..C {
-                v[c] = _mm512_loadu_ps(vp.add(j * d + c * LANES));
+                v[c] = widen(vp.add(j * d + c * LANES));
             }
             for h in 0..H {
                 let x = _mm512_set1_ps(*wp.add(h * n + j));
@@ -241,7 +252,7 @@ mod avx512 {
 
 /// Columns `cb .. cb + 16 C` of `out_h = inv[h] * sum_j w[h][j] * V_j`.
 #[inline(always)]
-fn value_columns<const H: usize, const C: usize>(w: &[f32], inv: &[f32; H], vals: &[f32], d: usize, n: usize, cb: usize, out: &mut [f32]) {
+fn value_columns<const H: usize, const C: usize>(w: &[f32], inv: &[f32; H], vals: &[f16], d: usize, n: usize, cb: usize, out: &mut [f32]) {
     let mut acc = [[[0f32; LANES]; C]; H];
     for j in 0..n {
         let v = &vals[j * d + cb..][..C * LANES];
@@ -249,7 +260,7 @@ fn value_columns<const H: usize, const C: usize>(w: &[f32], inv: &[f32; H], vals
             let x = w[h * n + j];
             for (k, a) in acc[h].iter_mut().enumerate() {
                 for l in 0..LANES {
-                    a[l] = x.mul_add(v[k * LANES + l], a[l]);
+                    a[l] = x.mul_add(v[k * LANES + l].to_f32(), a[l]);
                 }
             }
         }
@@ -441,7 +452,7 @@ mod tests {
             seed ^= seed << 5;
             seed as f32 / u32::MAX as f32 - 0.5
         };
-        fn both<const H: usize>(q: &[&[f32]], keys: &[f32], vals: &[f32], n: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
+        fn both<const H: usize>(q: &[&[f32]], keys: &[f16], vals: &[f16], n: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
             let q: &[&[f32]; H] = q.try_into().unwrap();
             let (mut w, mut a, mut b) = (vec![0f32; H * n], vec![0f32; H * d], vec![0f32; H * d]);
             portable_group(q, keys, vals, n, 0.125, &mut w, &mut a);
@@ -451,8 +462,8 @@ mod tests {
         }
         for d in [64, 128, 72] {
             for n in [1usize, 15, 16, 17, 33, 64, 100, 129] {
-                let keys: Vec<f32> = (0..n.next_multiple_of(2 * LANES) * d).map(|_| rnd()).collect();
-                let vals: Vec<f32> = (0..n * d).map(|_| rnd()).collect();
+                let keys: Vec<f16> = (0..n.next_multiple_of(2 * LANES) * d).map(|_| f16::from_f32(rnd())).collect();
+                let vals: Vec<f16> = (0..n * d).map(|_| f16::from_f32(rnd())).collect();
                 let qs: Vec<Vec<f32>> = (0..MAX_HEADS).map(|_| (0..d).map(|_| rnd()).collect()).collect();
                 let q: Vec<&[f32]> = qs.iter().map(|v| v.as_slice()).collect();
                 macro_rules! heads {

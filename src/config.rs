@@ -129,8 +129,8 @@ pub struct SummarizeArgs {
     /// Memory for prompt caches kept per thread id, in MiB; 0 turns reuse
     /// off. A thread summarised again after a new message then reads only the
     /// new part, and a new thread the cached instructions (BENCHMARKS.md);
-    /// each cached token costs 56 KiB with the 1.5B model, 24 KiB with the
-    /// 0.5B. Unset: 1024 on CPUs with AVX-512 VNNI, where reuse gives
+    /// each cached token costs 28 KiB with the 1.5B model, 12 KiB with the
+    /// 0.5B (twice that on a GPU, whose cache is f32). Unset: 1024 on CPUs with AVX-512 VNNI, where reuse gives
     /// exactly a cold run's numbers, else off (there the f32 GEMM rounds a
     /// row differently with other rows, and a note for the same thread could
     /// change in wording).

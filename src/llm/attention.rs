@@ -48,7 +48,7 @@ pub fn causal(q: &Tensor, kv: &HostKv<'_>) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::llm::kv::{LayerKv, SeqCache};
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     /// Runs `f` on a CPU cache holding `k` and `v` ((kv_heads, len, head_dim)),
     /// with room for `cap` positions (more than `len`: stale positions past the
@@ -88,6 +88,9 @@ mod tests {
             let k = Tensor::randn(0f32, 1.0, (kv_heads, len, hd), &dev).unwrap();
             let v = Tensor::randn(0f32, 1.0, (kv_heads, len, hd), &dev).unwrap();
             let ours = in_cache(&k, &v, cap, |kv| causal(&q, kv));
+            // The cache keeps f16: the formula gets the same rounded keys and values.
+            let f16 = |x: &Tensor| x.to_dtype(DType::F16).unwrap().to_dtype(DType::F32).unwrap();
+            let (k, v) = (f16(&k), f16(&v));
             let group = heads / kv_heads;
             let past = len - t;
             let mask: Vec<f32> = (0..t)

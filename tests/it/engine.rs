@@ -79,12 +79,14 @@ fn matches_reference(model: &str, text: &str, n: usize) {
     let mut agree = 0;
     for (i, ((ours, theirs), t)) in own.iter().zip(&reference).zip(&ref_tokens).enumerate() {
         // Same weights and kernels; attention sums in another order (palaver's
-        // decode kernel). Differences of 1e-7 per op flip some 8-bit roundings
-        // of the activations the quantized matmuls take, which these small
-        // models amplify to a few 1e-3 of cosine at most; a modelling error
-        // (rotation, head grouping, bias) shows as far less than 0.99.
+        // decode kernel) over keys and values palaver keeps in f16 (2^-11
+        // relative). Such differences flip some 8-bit roundings of the
+        // activations the quantized matmuls take, which these small models
+        // amplify to below 1e-2 of cosine (SmolLM2's worst step: 0.9959 with
+        // an f32 cache, 0.9938 with f16; every other step above 0.998); a
+        // modelling error (rotation, head grouping, bias) shows as far less.
         let c = cosine(ours, theirs);
-        assert!(c > 0.995, "{model}: step {i} (0 = prompt): logits cosine {c}");
+        assert!(c > 0.99, "{model}: step {i} (0 = prompt): logits cosine {c}");
         agree += usize::from(palaver::llm::transformer::argmax(ours).unwrap() == *t);
     }
     assert!(agree * 10 >= n * 9, "{model}: {agree} of {n} greedy choices agree");
