@@ -14,7 +14,7 @@ use half::f16;
 ///
 /// Heads go in blocks of up to 8 (Qwen2.5's 6 or 7 per KV head in one), so
 /// every key and value row is read once per block, not once per head. Scores
-/// of 2 x 16 keys are built up in vectors over the dimensions, with no
+/// of 16 keys at a time are built up in vectors over the dimensions, with no
 /// horizontal sum per key; every sum runs in one fixed order per key and per
 /// output, so a token's result never depends on how many tokens were read
 /// with it.
