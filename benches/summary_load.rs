@@ -6,6 +6,7 @@
 //!
 //!   cargo bench --bench summary_load
 //!   PALAVER_SUMMARIZER=qwen2.5-coder-0.5b-instruct CLIENTS=8 TOKENS=200 cargo bench --bench summary_load
+//!   DECODE_SHARE=0 cargo bench --bench summary_load   # `--decode-share` (default 0.5)
 
 mod common;
 
@@ -47,6 +48,10 @@ async fn main() {
     let tokens: usize = std::env::var("TOKENS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
     let mut llm = LlmOptions::default();
     llm.batch.max_sequences = clients.max(1);
+    if let Some(share) = std::env::var("DECODE_SHARE").ok().and_then(|s| s.parse().ok()) {
+        llm.batch.decode_share = share;
+    }
+    let share = llm.batch.decode_share;
     let cfg = SummarizeConfig { faithfulness_retries: 0, ..SummarizeConfig::default() };
     let (addr, tok) = common::start_server(&summarizer, llm, cfg);
     let data = std::fs::read_to_string("../shared/data/summaries/tweetsumm_train.jsonl").expect("TweetSumm data beside the repo");
@@ -64,7 +69,7 @@ async fn main() {
             Err(e) => panic!("{e}"),
         }
     }
-    println!("Summarize on {addr}, model {summarizer}, {clients} clients, ~{tokens}-token threads");
+    println!("Summarize on {addr}, model {summarizer}, {clients} clients, ~{tokens}-token threads, decode share {share}");
     // Solo: each thread alone, for the latency ratio.
     let mut solo = Vec::new();
     for (i, t) in threads.iter().enumerate().take(2) {
