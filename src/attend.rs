@@ -129,6 +129,8 @@ fn value_tail<const H: usize>(w: &[f32], inv: &[f32; H], vals: &[f16], n: usize,
 /// keys (or value columns) at once: at most 24 accumulators, the loaded
 /// vectors and one broadcast stay within the 32 registers.
 #[cfg(target_arch = "x86_64")]
+// Accumulators indexed [head][vector] read as the loops they unroll into.
+#[allow(clippy::needless_range_loop)]
 mod avx512 {
     use super::LANES;
     use half::f16;
