@@ -14,6 +14,9 @@ pub const ACTIONS: &str = "ACTIONS";
 pub const STATUS: &str = "STATUS";
 pub const NEXT: &str = "NEXT";
 
+/// The STATUS values the prompt offers (`parse::Status`, snake case).
+const STATUSES: [&str; 4] = ["waiting_on_agent", "waiting_on_customer", "resolved", "unknown"];
+
 pub struct PromptSpec<'a> {
     pub language_name: &'a str,
     /// BCP-47 tag of the answer's language.
@@ -59,10 +62,11 @@ pub fn system(spec: &PromptSpec) -> String {
          {SUMMARY}: <one to three sentences, at most {words} words>\n\
          {ISSUE}: <what the customer wants or what went wrong>\n\
          {ACTIONS}: <what the company has already done, or -> \n\
-         {STATUS}: <one of: waiting_on_agent, waiting_on_customer, resolved, unknown>\n\
+         {STATUS}: <one of: {statuses}>\n\
          {NEXT}: <the next step; separate several steps with ;>",
         lang = spec.language_name,
         words = spec.max_words,
+        statuses = STATUSES.join(", "),
     )
 }
 
@@ -75,10 +79,11 @@ pub fn user(spec: &PromptSpec, transcript: &str) -> String {
     // (the status values, the id, the length) and pad the note.
     s.push_str(&format!(
         "Write the note for this chat in {lang}, five short lines: {SUMMARY} (at most {words} words, with any order, \
-         ticket or protocol number), {ISSUE}, {ACTIONS}, {STATUS} (waiting_on_agent, waiting_on_customer, resolved or \
-         unknown), {NEXT}.",
+         ticket or protocol number), {ISSUE}, {ACTIONS}, {STATUS} ({first} or {last}), {NEXT}.",
         lang = spec.language_name,
         words = spec.max_words,
+        first = STATUSES[..STATUSES.len() - 1].join(", "),
+        last = STATUSES[STATUSES.len() - 1],
     ));
     s
 }
@@ -126,6 +131,15 @@ mod tests {
 
     fn m(role: Role, text: &str) -> Message {
         Message { id: String::new(), role, sent_at: None, text: text.into(), channel: String::new() }
+    }
+
+    /// Every status the prompt offers is read back as the status of that name.
+    #[test]
+    fn offered_statuses_parse_to_themselves() {
+        for value in STATUSES {
+            let note = crate::summarize::parse::parse(&format!(" x\n{STATUS}: {value}\n"));
+            assert_eq!(serde_json::to_value(note.status).unwrap(), value, "{value}");
+        }
     }
 
     #[test]
