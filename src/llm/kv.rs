@@ -3,7 +3,7 @@
 //! from where it left off.
 
 use candle_core::{Device, Result, Tensor};
-use half::f16;
+use half::{f16, slice::HalfFloatSliceExt};
 use std::collections::HashMap;
 
 /// Grows capacity in steps of this many tokens (a copy per step, not per token).
@@ -166,9 +166,7 @@ impl SeqCache {
                 for h in 0..heads {
                     for i in 0..t {
                         let (pos, src) = (at + i, (h * t + i) * hd);
-                        for (o, &x) in vb[(h * cap + pos) * hd..][..hd].iter_mut().zip(&vn[src..][..hd]) {
-                            *o = f16::from_f32(x);
-                        }
+                        vb[(h * cap + pos) * hd..][..hd].convert_from_f32_slice(&vn[src..][..hd]);
                         let block = &mut kb[h * cap * hd + pos / KEY_BLOCK * hd * KEY_BLOCK..][..hd * KEY_BLOCK];
                         for (c, &x) in kn[src..][..hd].iter().enumerate() {
                             block[c * KEY_BLOCK + pos % KEY_BLOCK] = f16::from_f32(x);

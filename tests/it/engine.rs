@@ -69,7 +69,7 @@ fn own_logits_along(llm: &Llm, prompt: &[u32], continuation: &[u32]) -> Vec<Tens
     out
 }
 
-fn matches_reference(model: &str, text: &str, n: usize) {
+fn matches_reference(model: &str, text: &str, n: usize, min_cosine: f32) {
     let files = llm_files(model);
     let llm = Llm::load(&files, &Device::Cpu, 0).unwrap();
     let p = prompt(&llm, text);
@@ -83,10 +83,11 @@ fn matches_reference(model: &str, text: &str, n: usize) {
         // relative). Such differences flip some 8-bit roundings of the
         // activations the quantized matmuls take, which these small models
         // amplify to below 1e-2 of cosine (SmolLM2's worst step: 0.9959 with
-        // an f32 cache, 0.9938 with f16; every other step above 0.998); a
-        // modelling error (rotation, head grouping, bias) shows as far less.
+        // an f32 cache, 0.9938 with f16; every other step above 0.998; the
+        // 1.5B stays above 0.995); a modelling error (rotation, head grouping,
+        // bias) shows as far less.
         let c = cosine(ours, theirs);
-        assert!(c > 0.99, "{model}: step {i} (0 = prompt): logits cosine {c}");
+        assert!(c > min_cosine, "{model}: step {i} (0 = prompt): logits cosine {c}");
         agree += usize::from(palaver::llm::transformer::argmax(ours).unwrap() == *t);
     }
     assert!(agree * 10 >= n * 9, "{model}: {agree} of {n} greedy choices agree");
@@ -106,6 +107,7 @@ fn llama_forward_matches_candles_stock_model() {
         "Customer: my order 48213 has not arrived and the tracking page shows nothing since Monday. \
          Agent: I am sorry, I have asked the carrier and will write back within two days.",
         24,
+        0.99,
     );
 }
 
@@ -116,6 +118,7 @@ fn qwen2_forward_matches_candles_stock_model() {
         "Cliente: meu pedido 48213 não chegou e o rastreio não mostra nada desde segunda. \
          Atendente: sinto muito, já acionei a transportadora e retorno em até dois dias.",
         12,
+        0.995,
     );
 }
 
