@@ -89,6 +89,18 @@ struct Speeds {
     gen_1024: f64,
 }
 
+/// Tokens/s of 64 greedy tokens after the first `context` tokens, from an empty cache.
+fn generation_rate(e: &mut dyn Engine, tokens: &[u32], context: usize) -> f64 {
+    e.reset();
+    let mut logits = e.feed(&tokens[..context], 0);
+    let t = Instant::now();
+    for i in 0..64 {
+        let next = argmax(&logits).unwrap();
+        logits = e.feed(&[next], context + i);
+    }
+    64.0 / t.elapsed().as_secs_f64()
+}
+
 fn measure(e: &mut dyn Engine, tokens: &[u32], runs: usize) -> Speeds {
     let prompt = |e: &mut dyn Engine, n: usize| {
         let v: Vec<f64> = (0..runs)
@@ -101,21 +113,7 @@ fn measure(e: &mut dyn Engine, tokens: &[u32], runs: usize) -> Speeds {
             .collect();
         median(v)
     };
-    let generate = |e: &mut dyn Engine, context: usize| {
-        let v: Vec<f64> = (0..runs)
-            .map(|_| {
-                e.reset();
-                let mut logits = e.feed(&tokens[..context], 0);
-                let t = Instant::now();
-                for i in 0..64 {
-                    let next = argmax(&logits).unwrap();
-                    logits = e.feed(&[next], context + i);
-                }
-                64.0 / t.elapsed().as_secs_f64()
-            })
-            .collect();
-        median(v)
-    };
+    let generate = |e: &mut dyn Engine, context: usize| median((0..runs).map(|_| generation_rate(e, tokens, context)).collect());
     Speeds { prompt512: prompt(e, 512), prompt1024: prompt(e, 1024), gen_short: generate(e, 16), gen_1024: generate(e, 1024) }
 }
 
@@ -177,16 +175,8 @@ fn main() {
             let mut e = Own { llm: &llm, cache: llm.transformer().new_cache() };
             let (mut short, mut long, mut ratio) = (vec![], vec![], vec![]);
             for _ in 0..pairs {
-                for ctx in [16, 1024] {
-                    e.reset();
-                    let mut logits = e.feed(&tokens[..ctx], 0);
-                    let t = Instant::now();
-                    for i in 0..64 {
-                        logits = e.feed(&[argmax(&logits).unwrap()], ctx + i);
-                    }
-                    let v = if ctx == 16 { &mut short } else { &mut long };
-                    v.push(64.0 / t.elapsed().as_secs_f64());
-                }
+                short.push(generation_rate(&mut e, &tokens, 16));
+                long.push(generation_rate(&mut e, &tokens, 1024));
                 ratio.push(long[long.len() - 1] / short[short.len() - 1]);
             }
             println!(
