@@ -9,7 +9,8 @@
 //!   STOCK=0 cargo bench --bench llm               # palaver only
 //!   CHUNK=1024 cargo bench --bench llm            # prompt chunk (default: the service's)
 //!   DECODE_ONLY=200 [CONTEXT=1024] cargo bench --bench llm   # decode steps only (profiling)
-//!   PASS_ROWS=1 cargo bench --bench llm           # cost of a pass by its rows (drafts)
+//!   PASS_ROWS=all cargo bench --bench llm         # cost of a pass by its rows (drafts)
+//!   PASS_ROWS=8 REPS=200 cargo bench --bench llm  # one row count, many passes (profiling)
 //!   DECODE_RATIO=8 cargo bench --bench llm        # after-1,024 / short generation, alternated
 
 use candle_core::quantized::gguf_file;
@@ -136,24 +137,28 @@ fn main() {
         let files = models::resolve_llm(name, &dir, &HubOptions::default()).expect("resolve");
         let llm = Llm::load(&files, &Device::Cpu, 0).unwrap();
         let tokens = llm.tokenizer().encode(text.as_str(), false).unwrap().get_ids()[..1100].to_vec();
-        if std::env::var("PASS_ROWS").is_ok() {
-            // Cost of a decode pass that checks drafted tokens: r rows at
-            // once after a 512-token context, against one row.
+        if let Ok(list) = std::env::var("PASS_ROWS") {
+            // Cost of a decode pass that checks drafted tokens (or steps
+            // several sequences): r rows at once after a 512-token context,
+            // against one row.
+            let list = if list == "all" { "1,2,3,4,5,7,9,13,17".to_string() } else { list };
+            let reps: usize = std::env::var("REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(16);
             let m = llm.transformer();
             let mut cache = m.new_cache();
             m.forward(&tokens[..512], &mut cache).unwrap();
-            let mut one = 0.0;
-            for r in [1usize, 2, 3, 4, 5, 7, 9, 13, 17] {
+            let mut one = None;
+            for r in list.split(',').map(|r| r.trim().parse::<usize>().expect("PASS_ROWS: row counts or all")) {
                 let t = Instant::now();
-                for i in 0..16 {
-                    m.forward(&tokens[512 + i..512 + i + r], &mut cache).unwrap();
+                for i in 0..reps {
+                    m.forward(&tokens[512 + i % 64..512 + i % 64 + r], &mut cache).unwrap();
                     cache.truncate(512);
                 }
-                let ms = t.elapsed().as_secs_f64() * 1e3 / 16.0;
+                let ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
                 if r == 1 {
-                    one = ms;
+                    one = Some(ms);
                 }
-                println!("| {name} | pass of {r} rows | {ms:.1} ms | {:.2}x one row |", ms / one);
+                let ratio = one.map(|o| format!("{:.2}x one row", ms / o)).unwrap_or_default();
+                println!("| {name} | pass of {r} rows | {ms:.1} ms | {ratio} |");
             }
             continue;
         }
