@@ -12,7 +12,7 @@
 //!   PALAVER_MAX_DRAFT=0 cargo bench --bench summarize   # without drafted decoding
 //!   PALAVER_PROMPT_CHUNK=256 cargo bench --bench summarize   # another prompt chunk (default 256)
 //!   PALAVER_SUMMARIZER=qwen2.5-coder-0.5b-instruct cargo bench --bench summarize
-//!   SHOW=1 cargo bench --bench summarize          # also print each thread's first note
+//!   SHOW=1 cargo bench --bench summarize          # also print the notes (first run of each)
 
 use palaver::eval::TweetSummDialog;
 use palaver::llm::LlmHandle;
@@ -28,7 +28,7 @@ async fn resummarise(s: &Summarizer, input: &SummarizeInput, runs: usize, cold_l
     for i in 0..runs {
         // Each run its own thread: another run's grown prompt would be reused whole.
         let mut x = palaver::eval::as_new_thread(input, &format!("grow-{i}"));
-        s.summarize(x.clone(), None).await.unwrap();
+        let first = s.summarize(x.clone(), None).await.unwrap();
         let mut m = x.thread.messages.iter().find(|m| m.role == palaver::summarize::thread::Role::Customer).unwrap().clone();
         m.id = format!("new-{i}");
         m.text = "Still nothing arrived today. Can you send me the tracking link or refund me, please?".into();
@@ -36,6 +36,9 @@ async fn resummarise(s: &Summarizer, input: &SummarizeInput, runs: usize, cold_l
         let t = Instant::now();
         let r = s.summarize(x, None).await.unwrap();
         lat.push(t.elapsed().as_secs_f64());
+        if i == 0 && std::env::var_os("SHOW").is_some() {
+            eprintln!("before the new message: {}\nafter it: {}", first.raw.replace('\n', " // "), r.raw.replace('\n', " // "));
+        }
         prompt_ms.push(r.timings.prompt_ms);
         gen_ms.push(r.timings.generation_ms);
         (reused, total) = (r.timings.reused_prompt_tokens, r.timings.prompt_tokens);

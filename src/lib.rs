@@ -21,6 +21,8 @@ pub mod server;
 pub mod summarize;
 
 pub mod proto {
+    // Generated: a oneof's variants are as large as their messages.
+    #[allow(clippy::large_enum_variant)]
     pub mod v1 {
         tonic::include_proto!("palaver.v1");
     }

@@ -301,6 +301,7 @@ mod avx512 {
             }
             let mut msum = [[_mm512_setzero_si512(); 2]; R];
             let mn = w.mn.as_ptr().add(tb * 8 * TILE);
+            #[allow(clippy::needless_range_loop)] // rows index register arrays and the inputs alike
             for p in 0..4 {
                 let m0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(mn.add(p * TILE * 2) as *const __m256i));
                 let m1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(mn.add(p * TILE * 2 + 32) as *const __m256i));

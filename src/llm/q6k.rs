@@ -126,8 +126,8 @@ impl PackedQ6K {
                 let mut isum = 0i32;
                 for j in 0..16 {
                     let mut acc = -32 * xq.sums16[(r * blocks + b) * 16 + j];
-                    for i in 16 * j..16 * j + 16 {
-                        acc += self.packed_value(tb, c, i) * x[i] as i32;
+                    for (i, &xi) in x.iter().enumerate().skip(16 * j).take(16) {
+                        acc += self.packed_value(tb, c, i) * xi as i32;
                     }
                     isum += acc * self.sc[tb * 16 * TILE + j * TILE + c] as i32;
                 }

@@ -197,9 +197,7 @@ pub fn windows(p: &[f32; HOURS], evidence: &[f32; HOURS], quiet: QuietHours, max
         let conf = (s..e).map(|h| evidence[h] * p[h]).sum::<f32>() / share.max(1e-12);
         out.push((day as u8, (s % 24) as u8, ((e - 1) % 24 + 1) as u8, share, lift, conf));
         // Keep windows apart: the hours next to this one are not a new window.
-        for h in s.saturating_sub(1)..(e + 1).min(HOURS) {
-            used[h] = true;
-        }
+        used[s.saturating_sub(1)..(e + 1).min(HOURS)].fill(true);
     }
     out
 }

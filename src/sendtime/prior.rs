@@ -98,10 +98,7 @@ pub fn view(priors: &HashMap<String, PriorCounts>, tenant: &str, channel: Option
         if n <= 0.0 {
             continue;
         }
-        let mut hours = [0.0f32; HOURS];
-        for h in 0..HOURS {
-            hours[h] = (p.hours[h] + LEVEL_STRENGTH * v.hours[h]) / (n + LEVEL_STRENGTH);
-        }
+        let mut hours: [f32; HOURS] = std::array::from_fn(|h| (p.hours[h] + LEVEL_STRENGTH * v.hours[h]) / (n + LEVEL_STRENGTH));
         normalise(&mut hours);
         v.hours = hours;
         v.reply_rate = (p.replied + v.reply_strength * v.reply_rate) / (p.sent + v.reply_strength);

@@ -172,11 +172,10 @@ impl Profile {
                 }
                 self.trim_pending();
             }
-            EventType::OptOut | EventType::OptIn => {
-                if e.at >= self.opt_at {
-                    self.opted_out = e.kind == EventType::OptOut;
-                    self.opt_at = e.at;
-                }
+            // An older opt event than the one applied changes nothing.
+            EventType::OptOut | EventType::OptIn if e.at >= self.opt_at => {
+                self.opted_out = e.kind == EventType::OptOut;
+                self.opt_at = e.at;
             }
             kind if kind.engagement_weight() > 0.0 => {
                 let ew = kind.engagement_weight() * w;

@@ -160,7 +160,7 @@ fn a_contact_with_no_history_gets_the_population_pattern() {
 #[test]
 fn the_service_window_closes_24_hours_after_the_last_customer_message() {
     let t = local("UTC", "2026-06-01T10:00");
-    let p = fold(with_zone("UTC"), &mut vec![ev(EventType::Inbound, t, "a"), ev(EventType::OutboundSent, t + 60, "b")], 60.0 * 86_400.0);
+    let p = fold(with_zone("UTC"), &mut [ev(EventType::Inbound, t, "a"), ev(EventType::OutboundSent, t + 60, "b")], 60.0 * 86_400.0);
     let just_before = answer(&p, t + 24 * 3600 - 1);
     assert!(just_before.messaging.open && !just_before.messaging.template_required);
     assert_eq!(just_before.messaging.closes_at, Some(t + 24 * 3600));
@@ -177,7 +177,7 @@ fn the_service_window_closes_24_hours_after_the_last_customer_message() {
     let tg = suggest(&p, &prior, utc, &req, &ModelConfig::default()).messaging;
     assert!(tg.open && !tg.template_required && tg.closes_at.is_none() && tg.channel == Channel::Telegram, "{tg:?}");
     // The best moment inside the window falls before it closes.
-    let open = answer(&fold(with_zone("UTC"), &mut vec![ev(EventType::Inbound, t, "a")], 60.0 * 86_400.0), t + 3600);
+    let open = answer(&fold(with_zone("UTC"), &mut [ev(EventType::Inbound, t, "a")], 60.0 * 86_400.0), t + 3600);
     let within = open.best_time_in_service_window.unwrap();
     assert!(within >= t + 3600 && within < t + 24 * 3600);
 }

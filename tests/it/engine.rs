@@ -21,6 +21,9 @@ fn prompt(llm: &Llm, text: &str) -> Vec<u32> {
     llm.tokenizer().encode(t, false).unwrap().get_ids().to_vec()
 }
 
+/// candle's stock model: tokens at a position in, last logits out.
+type StockForward = Box<dyn FnMut(&[u32], usize) -> Tensor>;
+
 /// Greedy tokens and logits of candle's stock model. With `one_by_one` the
 /// prompt goes in a token at a time, so that its arithmetic is the decode
 /// path's; otherwise in one pass.
@@ -28,7 +31,7 @@ fn reference_greedy(gguf: &std::path::Path, prompt: &[u32], n: usize, one_by_one
     let mut r = std::io::BufReader::new(std::fs::File::open(gguf).unwrap());
     let ct = gguf_file::Content::read(&mut r).unwrap();
     let arch = ct.metadata["general.architecture"].to_string().unwrap().clone();
-    let mut fwd: Box<dyn FnMut(&[u32], usize) -> Tensor> = if arch == "qwen2" {
+    let mut fwd: StockForward = if arch == "qwen2" {
         let mut m = quantized_qwen2::ModelWeights::from_gguf(ct, &mut r, &Device::Cpu).unwrap();
         Box::new(move |t, pos| m.forward(&Tensor::new(t, &Device::Cpu).unwrap().unsqueeze(0).unwrap(), pos).unwrap())
     } else {

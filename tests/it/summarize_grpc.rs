@@ -324,8 +324,7 @@ async fn a_new_thread_reads_only_its_transcript() {
 
 #[tokio::test]
 async fn a_passed_deadline_stops_the_generation() {
-    let mut cfg = SummarizeConfig::default();
-    cfg.max_new_tokens = 2000;
+    let cfg = SummarizeConfig { max_new_tokens: 2000, ..Default::default() };
     let s = TestServer::start(llm_files(models::FIXTURE_LLM), cfg, common::default_opts());
     s.wait_serving().await;
     let long: String = (0..60).map(|i| format!("Line {i} of my complaint about the parcel. ")).collect();
