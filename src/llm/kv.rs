@@ -77,13 +77,20 @@ impl HostKv<'_> {
 }
 
 impl SeqCache {
+    /// palaver's own buffers on the CPU, tensors elsewhere.
     pub fn new(layers: usize, kv_heads: usize, head_dim: usize, device: &Device) -> Self {
+        Self::build(layers, kv_heads, head_dim, device, device.is_cpu())
+    }
+
+    /// A cache of f32 tensors whatever the device: the one candle's matmul
+    /// attention reads (a GPU's; on the CPU, the portable path's).
+    pub fn of_tensors(layers: usize, kv_heads: usize, head_dim: usize, device: &Device) -> Self {
+        Self::build(layers, kv_heads, head_dim, device, false)
+    }
+
+    fn build(layers: usize, kv_heads: usize, head_dim: usize, device: &Device, host: bool) -> Self {
         // Buffers are allocated on first use, so an idle cache costs nothing.
-        let store = if device.is_cpu() {
-            Store::Host { k: Vec::new(), v: Vec::new() }
-        } else {
-            Store::Device { k: Vec::new(), v: Vec::new() }
-        };
+        let store = if host { Store::Host { k: Vec::new(), v: Vec::new() } } else { Store::Device { k: Vec::new(), v: Vec::new() } };
         Self { layers, store, len: 0, pending: 0, cap: 0, kv_heads, head_dim, device: device.clone() }
     }
 
@@ -422,6 +429,48 @@ mod tests {
         c.advance(500);
         c.truncate(10);
         assert_eq!(c.len(), 10);
+    }
+
+    /// The cache a GPU keeps, exercised on the CPU: appended in place across
+    /// growth, truncated, saved and restored, with every position intact.
+    #[test]
+    fn a_cache_of_tensors_keeps_every_position_across_growth_and_snapshots() {
+        let dev = Device::Cpu;
+        let (heads, hd) = (2, 4);
+        // Position p of head h holds (h * 10_000 + p) * 4 + c: distinct everywhere.
+        let chunk = |from: usize, n: usize| -> Tensor {
+            let v: Vec<f32> = (0..heads)
+                .flat_map(|h| (from..from + n).flat_map(move |p| (0..hd).map(move |c| ((h * 10_000 + p) * hd + c) as f32)))
+                .collect();
+            Tensor::from_vec(v, (heads, n, hd), &dev).unwrap()
+        };
+        let mut c = SeqCache::of_tensors(2, heads, hd, &dev);
+        let mut len = 0;
+        for n in [300, 250, 1, 600] {
+            // 300 + 250 passes the first growth step, + 600 the second.
+            for layer in 0..2 {
+                let LayerKv::Device(k, v) = c.append(layer, &chunk(len, n), &(chunk(len, n) * 2.0).unwrap()).unwrap() else {
+                    panic!("a cache of tensors")
+                };
+                assert_eq!(k.dims(), [heads, len + n, hd]);
+                let (k, v) = (k.flatten_all().unwrap().to_vec1::<f32>().unwrap(), v.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                let want = chunk(0, len + n).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(k, want, "keys after {} positions", len + n);
+                assert!(v.iter().zip(&want).all(|(v, w)| *v == 2.0 * w), "values after {} positions", len + n);
+            }
+            c.advance(n);
+            len += n;
+        }
+        assert_eq!((c.len(), c.cap), (1151, 1536));
+        let snap = c.snapshot(700).unwrap();
+        assert_eq!(snap.bytes(), 2 * 2 * heads * 700 * hd * 4);
+        c.truncate(5);
+        let mut d = SeqCache::of_tensors(2, heads, hd, &dev);
+        d.restore(&snap, 650).unwrap();
+        assert_eq!(d.len(), 650);
+        let LayerKv::Device(k, _) = d.append(1, &chunk(650, 1), &chunk(650, 1)).unwrap() else { panic!("a cache of tensors") };
+        assert_eq!(k.flatten_all().unwrap().to_vec1::<f32>().unwrap(), chunk(0, 651).flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert!(c.restore(&filled(3, 0.0).snapshot(3).unwrap(), 3).is_err(), "a host snapshot does not fit a cache of tensors");
     }
 
     fn host(s: &Snapshot) -> (Vec<Vec<f16>>, Vec<Vec<f16>>) {

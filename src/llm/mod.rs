@@ -19,6 +19,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use kv::{PrefixCache, SeqCache};
 use std::io::BufReader;
+pub use transformer::Kernels;
 use transformer::{Step, Transformer};
 use std::time::{Duration, Instant};
 use tokenizers::Tokenizer;
@@ -95,6 +96,11 @@ impl Llm {
     /// Loads a GGUF model; `prefix_cache_bytes` bounds the prompt caches kept
     /// per conversation (0 turns reuse off).
     pub fn load(files: &LlmFiles, device: &Device, prefix_cache_bytes: usize) -> Result<Self, LlmError> {
+        Self::load_with(files, device, prefix_cache_bytes, Kernels::Native)
+    }
+
+    /// As [`load`](Self::load), on the given [`Kernels`].
+    pub fn load_with(files: &LlmFiles, device: &Device, prefix_cache_bytes: usize, kernels: Kernels) -> Result<Self, LlmError> {
         let load = |e: &dyn std::fmt::Display| LlmError::Load(format!("{}: {e}", files.gguf.display()));
         let tokenizer = Tokenizer::from_file(&files.tokenizer).map_err(|e| load(&e))?;
         let mut r = BufReader::new(std::fs::File::open(&files.gguf).map_err(|e| load(&e))?);
@@ -105,7 +111,7 @@ impl Llm {
             .and_then(|v| v.to_u32().ok())
             .into_iter()
             .collect();
-        let model = Transformer::from_gguf(&content, &mut r, device).map_err(|e| load(&e))?;
+        let model = Transformer::from_gguf_with(&content, &mut r, device, kernels).map_err(|e| load(&e))?;
         // ChatML models end a turn with <|im_end|>; stop there whatever the GGUF says.
         for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
             if let Some(id) = tokenizer.token_to_id(t) {

@@ -96,13 +96,17 @@ struct Linear {
     kquant: Option<KQuant>,
     /// Whether candle runs this weight with its repacked int8 kernel.
     candle_int8: bool,
+    /// Whether a prompt pass without palaver's int8 kernel may dequantize
+    /// the weight for one f32 GEMM on the CPU (else candle's quantized matmul).
+    host_gemm: bool,
     bias: Option<Tensor>,
 }
 
 impl Linear {
-    fn new(w: QTensor, bias: Option<Tensor>) -> Result<Self> {
+    /// `native`: palaver's CPU kernels may run it (see [`Kernels`]).
+    fn new(w: QTensor, bias: Option<Tensor>, native: bool) -> Result<Self> {
         let (n, k) = w.shape().dims2()?;
-        let vnni = w.device().is_cpu() && crate::cpu::avx512_vnni();
+        let vnni = native && w.device().is_cpu() && crate::cpu::avx512_vnni();
         if vnni && k.is_multiple_of(q4k::QK) {
             let kquant = match w.dtype() {
                 GgmlDType::Q4K => Some(KQuant::Q4K(PackedQ4K::new(&w)?)),
@@ -110,10 +114,10 @@ impl Linear {
                 _ => None,
             };
             if kquant.is_some() {
-                return Ok(Self { quant: None, int8: None, kquant, candle_int8: false, bias });
+                return Ok(Self { quant: None, int8: None, kquant, candle_int8: false, host_gemm: true, bias });
             }
         }
-        let candle_int8 = candle_has_int8_gemm(&w);
+        let candle_int8 = native && candle_has_int8_gemm(&w);
         let own = vnni && k.is_multiple_of(qgemm::BLOCK);
         // (K-quants with candle's repacked kernel took palaver's above.)
         let int8 = if own {
@@ -128,7 +132,7 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { quant, int8, kquant: None, candle_int8, bias })
+        Ok(Self { quant, int8, kquant: None, candle_int8, host_gemm: native, bias })
     }
 
     /// `x`: (rows, in) -> (rows, out).
@@ -137,7 +141,7 @@ impl Linear {
             (Some(KQuant::Q4K(p)), _, _) => tiled_matmul(p, x)?,
             (Some(KQuant::Q6K(p)), _, _) => tiled_matmul(p, x)?,
             (_, Some(p), _) if self.own_int8(prompt).is_some() => tiled_matmul(p, x)?,
-            (_, None, Some((_, raw))) if prompt && raw.device().is_cpu() && !self.candle_int8 => {
+            (_, None, Some((_, raw))) if prompt && self.host_gemm && raw.device().is_cpu() && !self.candle_int8 => {
                 x.matmul(&dequantize(raw)?.t()?)?
             }
             // candle's repacked kernel takes another path for a single row,
@@ -328,8 +332,24 @@ struct Layer {
     down: Linear,
 }
 
+/// Which code runs a model's passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// On the CPU, palaver's kernels where it has them (int8 and K-quant
+    /// GEMMs with AVX-512 VNNI, attention over its f16 cache, the fused
+    /// gate); candle's ops everywhere else. On a GPU, the same as `Portable`.
+    #[default]
+    Native,
+    /// candle's tensor ops only, with an f32 cache of tensors and attention
+    /// as masked matmuls: the path a GPU runs. On the CPU it is that path's
+    /// test bed, so that it is checked on machines without a GPU.
+    Portable,
+}
+
 pub struct Transformer {
     cfg: Config,
+    /// palaver's CPU kernels run (`Kernels::Native` on the CPU).
+    native: bool,
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
@@ -340,11 +360,17 @@ pub struct Transformer {
 }
 
 impl Transformer {
-    pub fn from_gguf<R: std::io::Read + std::io::Seek>(
+    pub fn from_gguf<R: std::io::Read + std::io::Seek>(ct: &gguf_file::Content, r: &mut R, device: &Device) -> Result<Self> {
+        Self::from_gguf_with(ct, r, device, Kernels::Native)
+    }
+
+    pub fn from_gguf_with<R: std::io::Read + std::io::Seek>(
         ct: &gguf_file::Content,
         r: &mut R,
         device: &Device,
+        kernels: Kernels,
     ) -> Result<Self> {
+        let native = kernels == Kernels::Native && device.is_cpu();
         let cfg = Config::from_gguf(ct)?;
         let mut qt = |name: &str| ct.tensor(r, name, device);
         let embed_q = qt("token_embd.weight")?;
@@ -352,15 +378,15 @@ impl Transformer {
         let norm = qt("output_norm.weight")?.dequantize(device)?;
         // Tied embeddings: the output layer reuses the embedding matrix.
         let output = match qt("output.weight") {
-            Ok(w) => Linear::new(w, None)?,
-            Err(_) => Linear::new(embed_q, None)?,
+            Ok(w) => Linear::new(w, None, native)?,
+            Err(_) => Linear::new(embed_q, None, native)?,
         };
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let p = format!("blk.{i}");
             let mut lin = |w: &str, bias: bool| -> Result<Linear> {
                 let b = if bias { Some(qt(&format!("{p}.{w}.bias"))?.dequantize(device)?) } else { None };
-                Linear::new(qt(&format!("{p}.{w}.weight"))?, b)
+                Linear::new(qt(&format!("{p}.{w}.weight"))?, b, native)
             };
             let bias = cfg.arch == Arch::Qwen2;
             let (q, k, v) = (lin("attn_q", bias)?, lin("attn_k", bias)?, lin("attn_v", bias)?);
@@ -379,7 +405,7 @@ impl Transformer {
             });
         }
         let (cos, sin) = rope_tables(cfg.head_dim, cfg.rope_base, cfg.context, device)?;
-        Ok(Self { cfg, embed, layers, norm, output, cos, sin, device: device.clone() })
+        Ok(Self { cfg, native, embed, layers, norm, output, cos, sin, device: device.clone() })
     }
 
     pub fn config(&self) -> &Config {
@@ -387,7 +413,12 @@ impl Transformer {
     }
 
     pub fn new_cache(&self) -> SeqCache {
-        SeqCache::new(self.cfg.layers, self.cfg.kv_heads, self.cfg.head_dim, &self.device)
+        let (l, h, d) = (self.cfg.layers, self.cfg.kv_heads, self.cfg.head_dim);
+        if self.native {
+            SeqCache::new(l, h, d, &self.device)
+        } else {
+            SeqCache::of_tensors(l, h, d, &self.device)
+        }
     }
 
     /// Runs `tokens` after the `cache.len()` tokens already in `cache`, appends
@@ -444,7 +475,7 @@ impl Transformer {
         let mut row = 0;
         for s in steps.iter() {
             let (t, past) = (s.tokens.len(), s.cache.len());
-            let mask = if t > 1 && !self.device.is_cpu() { Some(causal_mask(t, past, group, &self.device)?) } else { None };
+            let mask = if t > 1 && !self.native { Some(causal_mask(t, past, group, &self.device)?) } else { None };
             plans.push(Plan { row, t, cos: self.cos.narrow(0, past, t)?, sin: self.sin.narrow(0, past, t)?, mask });
             row += t;
         }
@@ -462,7 +493,8 @@ impl Transformer {
             x = (x + l.o.forward(&y, prompt)?)?;
             let h = candle_nn::ops::rms_norm(&x, &l.ffn_norm, c.rms_eps)?;
             let [g, u] = Linear::forward_group([&l.gate, &l.up], &h, prompt)?;
-            x = (x + l.down.forward(&swiglu(&g, &u)?, prompt)?)?;
+            let act = if self.native { swiglu(&g, &u)? } else { (candle_nn::ops::silu(&g)? * u)? };
+            x = (x + l.down.forward(&act, prompt)?)?;
         }
         for s in steps.iter_mut() {
             s.cache.advance(s.tokens.len());
@@ -480,8 +512,9 @@ impl Transformer {
     /// Attention of one sequence's `t` new rows ((t, heads*head_dim) for q,
     /// (t, kv_heads*head_dim) for k and v) over its cache; returns (t, hidden).
     ///
-    /// On the CPU, decode steps and prompt chunks alike run
-    /// [`attention::causal`]; elsewhere, the matmul form with a mask.
+    /// On palaver's CPU cache, decode steps and prompt chunks alike run
+    /// [`attention::causal`]; on a cache of tensors, the matmul form with a
+    /// mask.
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, p: &Plan, cache: &mut SeqCache, layer: usize) -> Result<Tensor> {
         let c = &self.cfg;
         let t = p.t;

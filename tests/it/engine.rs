@@ -293,3 +293,56 @@ fn a_prompt_read_in_chunks_gives_the_logits_of_one_read_whole() {
         }
     }
 }
+
+/// The path a GPU runs (candle's ops only, an f32 cache of tensors,
+/// attention as masked matmuls), run here on the CPU so that it is tested
+/// without a GPU: against candle's stock model on the same file, and through
+/// what the service does with it (prompts in chunks, several sequences in one
+/// pass, a reused prefix).
+#[test]
+fn the_portable_path_a_gpu_runs_agrees_with_candles_stock_model() {
+    use palaver::llm::transformer::Step;
+    use palaver::llm::Kernels;
+    let files = llm_files(models::FIXTURE_LLM);
+    let mut llm = Llm::load_with(&files, &Device::Cpu, 32 << 20, Kernels::Portable).unwrap();
+    let p = prompt(&llm, "Customer: I was charged twice for order 7731 and the app shows no refund. Agent: checking now.");
+    let (reference, tokens) = reference_greedy(&files.gguf, &p, 16, true);
+    let own = own_logits_along(&llm, &p, &tokens);
+    for (i, (ours, theirs)) in own.iter().zip(&reference).enumerate() {
+        let c = cosine(ours, theirs);
+        assert!(c > 0.9999, "step {i} (0 = prompt): logits cosine {c}");
+    }
+    let m = llm.transformer();
+    let (whole, _) = reference_greedy(&files.gguf, &p, 0, false);
+    let read = |tokens: &[u32], chunk: usize| {
+        let mut cache = m.new_cache();
+        tokens.chunks(chunk).map(|c| m.forward(c, &mut cache).unwrap()).last().unwrap()
+    };
+    let one = read(&p, p.len());
+    let c = cosine(&one, &whole[0]);
+    assert!(c > 0.9999, "prompt in one pass against the stock model's: cosine {c}");
+    let c = cosine(&read(&p, 7), &one);
+    assert!(c > 0.9999, "prompt in chunks of 7 (across the cache's masks and growth): cosine {c}");
+    // Two sequences of different lengths in one pass, each against alone.
+    let short = &p[..p.len() - 9];
+    let (mut a, mut b) = (m.new_cache(), m.new_cache());
+    m.forward(&short[..short.len() - 1], &mut a).unwrap();
+    m.forward(&p[..p.len() - 1], &mut b).unwrap();
+    let both = m
+        .forward_many(&mut [Step { tokens: &short[short.len() - 1..], cache: &mut a }, Step { tokens: &p[p.len() - 1..], cache: &mut b }], false)
+        .unwrap();
+    let alone_short = read(short, short.len());
+    for (row, alone) in [(0, &alone_short), (1, &one)] {
+        let c = cosine(&both.get(row).unwrap(), alone);
+        assert!(c > 0.9999, "sequence {row} of a shared pass: cosine {c}");
+    }
+    // A grown thread reads only its new tokens, from a saved cache of tensors.
+    let params = GenerateParams { max_new_tokens: 16, ..Default::default() };
+    let grown = prompt(&llm, "Customer: I was charged twice for order 7731 and the app shows no refund. Agent: checking now. Customer: any news?");
+    llm.generate(&p, Some("t"), &params, |_| true).unwrap();
+    let warm = llm.generate(&grown, Some("t"), &params, |_| true).unwrap();
+    assert!(warm.reused_prompt_tokens > p.len() / 2, "{} of {} reused", warm.reused_prompt_tokens, grown.len());
+    let cold = llm.generate(&grown, None, &params, |_| true).unwrap();
+    assert_eq!(warm.text, cold.text);
+    assert_eq!(tokens.len(), 16);
+}
