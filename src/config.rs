@@ -71,7 +71,15 @@ impl ModelArgs {
         match self.device.as_str() {
             "cpu" => Ok(candle_core::Device::Cpu),
             "cuda" => candle_core::Device::new_cuda(0),
-            "auto" => candle_core::Device::cuda_if_available(0),
+            // candle's `cuda_if_available` only asks whether the build has
+            // CUDA, so a CUDA build on a machine without a GPU (or driver)
+            // would fail to start: try the GPU, fall back to the CPU.
+            "auto" => Ok(candle_core::Device::new_cuda(0).unwrap_or_else(|e| {
+                if cfg!(feature = "cuda") {
+                    tracing::warn!("--device auto: no usable GPU ({e}); the summarizer runs on the CPU");
+                }
+                candle_core::Device::Cpu
+            })),
             other => Err(candle_core::Error::Msg(format!("--device `{other}`: expected cpu, cuda or auto"))),
         }
     }
@@ -435,5 +443,32 @@ impl IntentArgs {
             max_batch_texts: self.max_batch_texts,
             ..IntentConfig::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        model: ModelArgs,
+    }
+
+    fn device(flag: &str) -> Result<candle_core::Device, candle_core::Error> {
+        Cli::try_parse_from(["palaver", "--device", flag]).unwrap().model.device()
+    }
+
+    #[test]
+    fn auto_falls_back_to_the_cpu_and_unknown_devices_are_named() {
+        // Whatever the build: `auto` never fails, and runs on the CPU unless
+        // a GPU answers.
+        let auto = device("auto").unwrap();
+        assert!(auto.is_cpu() || auto.is_cuda());
+        assert!(device("cpu").unwrap().is_cpu());
+        let err = device("tpu").unwrap_err().to_string();
+        assert!(err.contains("--device `tpu`") && err.contains("cpu, cuda or auto"), "{err}");
     }
 }
