@@ -12,6 +12,7 @@
 //!   PASS_ROWS=all cargo bench --bench llm         # cost of a pass by its rows (drafts)
 //!   PASS_ROWS=8 REPS=200 cargo bench --bench llm  # one row count, many passes (profiling)
 //!   DECODE_RATIO=8 cargo bench --bench llm        # after-1,024 / short generation, alternated
+//!   BATCH=1,2,4,8 [CONTEXT=1024] cargo bench --bench llm   # sequences decoded together: aggregate tok/s
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
@@ -137,6 +138,40 @@ fn main() {
         let files = models::resolve_llm(name, &dir, &HubOptions::default()).expect("resolve");
         let llm = Llm::load(&files, &Device::Cpu, 0).unwrap();
         let tokens = llm.tokenizer().encode(text.as_str(), false).unwrap().get_ids()[..1100].to_vec();
+        if let Ok(list) = std::env::var("BATCH") {
+            // Continuous batching's decode gain: b sequences, each after its
+            // own CONTEXT-token cache (copies of one prompt's, each then fed
+            // its own tokens), stepped together for 64 greedy tokens.
+            let ctx: usize = std::env::var("CONTEXT").ok().and_then(|s| s.parse().ok()).unwrap_or(1024);
+            let m = llm.transformer();
+            let mut cache = m.new_cache();
+            for c in tokens[..ctx].chunks(palaver::llm::batching::BatchPolicy::default().prompt_chunk) {
+                m.forward(c, &mut cache).unwrap();
+            }
+            let snap = cache.snapshot(ctx).unwrap();
+            let mut single = None;
+            for b in list.split(',').map(|s| s.trim().parse::<usize>().expect("BATCH: sequence counts")) {
+                let mut caches: Vec<_> = (0..b)
+                    .map(|_| {
+                        let mut c = m.new_cache();
+                        c.restore(&snap, ctx).unwrap();
+                        c
+                    })
+                    .collect();
+                let mut next: Vec<u32> = (0..b).map(|i| tokens[ctx + i]).collect();
+                let t = Instant::now();
+                for _ in 0..64 {
+                    let mut steps: Vec<palaver::llm::transformer::Step> =
+                        caches.iter_mut().zip(&next).map(|(c, t)| palaver::llm::transformer::Step { tokens: std::slice::from_ref(t), cache: c }).collect();
+                    let logits = m.forward_many(&mut steps, false).unwrap();
+                    next = (0..b).map(|i| argmax(&logits.get(i).unwrap()).unwrap()).collect();
+                }
+                let rate = (64 * b) as f64 / t.elapsed().as_secs_f64();
+                let one = *single.get_or_insert(rate);
+                println!("| {name} | {b} sequences after {ctx} tokens | {rate:.1} tok/s aggregate | {:.2}x the first row |", rate / one);
+            }
+            continue;
+        }
         if let Ok(list) = std::env::var("PASS_ROWS") {
             // Cost of a decode pass that checks drafted tokens (or steps
             // several sequences): r rows at once after a 512-token context,
