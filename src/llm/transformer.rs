@@ -97,13 +97,15 @@ struct Linear {
     /// Whether candle runs this weight with its repacked int8 kernel.
     candle_int8: bool,
     /// Whether a prompt pass without palaver's int8 kernel may dequantize
-    /// the weight for one f32 GEMM on the CPU (else candle's quantized matmul).
+    /// the weight for one f32 GEMM on the CPU (`Kernels::Native` on the CPU;
+    /// else candle's quantized matmul).
     host_gemm: bool,
     bias: Option<Tensor>,
 }
 
 impl Linear {
-    /// `native`: palaver's CPU kernels may run it (see [`Kernels`]).
+    /// `native`: palaver's CPU kernels may run it (`Kernels::Native` on the
+    /// CPU, see [`Kernels`]).
     fn new(w: QTensor, bias: Option<Tensor>, native: bool) -> Result<Self> {
         let (n, k) = w.shape().dims2()?;
         let vnni = native && w.device().is_cpu() && crate::cpu::avx512_vnni();
@@ -114,7 +116,7 @@ impl Linear {
                 _ => None,
             };
             if kquant.is_some() {
-                return Ok(Self { quant: None, int8: None, kquant, candle_int8: false, host_gemm: true, bias });
+                return Ok(Self { quant: None, int8: None, kquant, candle_int8: false, host_gemm: native, bias });
             }
         }
         let candle_int8 = native && candle_has_int8_gemm(&w);
@@ -141,7 +143,7 @@ impl Linear {
             (Some(KQuant::Q4K(p)), _, _) => tiled_matmul(p, x)?,
             (Some(KQuant::Q6K(p)), _, _) => tiled_matmul(p, x)?,
             (_, Some(p), _) if self.own_int8(prompt).is_some() => tiled_matmul(p, x)?,
-            (_, None, Some((_, raw))) if prompt && self.host_gemm && raw.device().is_cpu() && !self.candle_int8 => {
+            (_, None, Some((_, raw))) if prompt && self.host_gemm && !self.candle_int8 => {
                 x.matmul(&dequantize(raw)?.t()?)?
             }
             // candle's repacked kernel takes another path for a single row,
@@ -237,11 +239,9 @@ impl Linear {
 /// `silu` (`x / (1 + e^-x)`, libm's `expf`), so the same numbers: a
 /// vectorised polynomial `e^x` was as accurate on average but moved the
 /// greedy choices of the small SmolLM2 model against candle's stock model
-/// (`engine::llama_forward_matches_candles_stock_model`).
+/// (`engine::llama_forward_matches_candles_stock_model`). Host tensors
+/// only: other passes take candle's `silu` and `mul` (`Transformer::pass`).
 fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    if !g.device().is_cpu() {
-        return candle_nn::ops::silu(g)? * u;
-    }
     let (gv, uv) = (g.flatten_all()?.to_vec1::<f32>()?, u.flatten_all()?.to_vec1::<f32>()?);
     if gv.len() != uv.len() {
         candle_core::bail!("swiglu of {} gates and {} inputs", gv.len(), uv.len());
