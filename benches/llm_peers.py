@@ -42,6 +42,21 @@ def llama_cpp(args):
 
 
 def torch_bf16(args):
+    import torch
+
+    return torch_run(args, torch.bfloat16)
+
+
+def torch_f32(args):
+    # Without AMX, bf16 matmuls are no faster than f32 ones and pay for the
+    # casts (transformers 5 says so when it loads a GGUF file in bf16): the
+    # fastest PyTorch peer on such a CPU may be this one.
+    import torch
+
+    return torch_run(args, torch.float32)
+
+
+def torch_run(args, dtype):
     import os
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -49,7 +64,7 @@ def torch_bf16(args):
     torch.set_num_threads(args.threads)
     d, f = os.path.split(args.gguf)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype).eval()
     ids = tokens_of(args.text, lambda t: tok(t, add_special_tokens=False)["input_ids"])
 
     @torch.inference_mode()
@@ -86,10 +101,10 @@ def main():
     p.add_argument("--text", required=True)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--engines", default="llama.cpp,pytorch-bf16")
+    p.add_argument("--engines", default="llama.cpp,pytorch-bf16,pytorch-f32")
     args = p.parse_args()
     for engine in args.engines.split(","):
-        fn = {"llama.cpp": llama_cpp, "pytorch-bf16": torch_bf16}[engine]
+        fn = {"llama.cpp": llama_cpp, "pytorch-bf16": torch_bf16, "pytorch-f32": torch_f32}[engine]
         try:
             s = fn(args)
             print(f"| {args.model} | {engine} | " + " | ".join(f"{v:.1f}" for v in s) + " |", flush=True)

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Peers for `cargo bench --bench llm`: llama.cpp (its Python binding, built
 # from source here with the machine's native flags) and PyTorch + transformers
-# (GGUF weights dequantized to bf16), on the same prepared GGUF files, same
+# (the GGUF weights in bf16, and in f32), on the same prepared GGUF files, same
 # prompt lengths and the same thread count, in a throwaway virtualenv outside
-# the clone; then palaver's own rows (`cargo bench --bench llm`, without
-# candle stock unless STOCK=1) in the same run, and the ratios of palaver to
-# llama.cpp and to the fastest peer per column.
+# the clone, and palaver's own rows (`cargo bench --bench llm`, without candle
+# stock unless STOCK=1); then the ratios of palaver to llama.cpp and to the
+# fastest peer per column.
+#
+# Engines take turns: each of RUNS rounds measures every engine once, per
+# model, and the table takes each engine's median over the rounds. A shared VM
+# drifts by 20% and more over minutes; run one engine's repeats back to back
+# and the drift lands on one engine's figures.
 #
 #   benches/llm_peers.sh                      # both Qwen2.5 models, 2 threads
 #   THREADS=2 RUNS=3 benches/llm_peers.sh qwen2.5-coder-0.5b-instruct
@@ -27,34 +32,52 @@ MODELS=("$@")
 OUT=$(mktemp)
 trap 'rm -f "$OUT"' EXIT
 date -u +"run started %Y-%m-%d %H:%M UTC"
+cargo bench -q --bench llm --no-run 2>/dev/null
 for m in "${MODELS[@]}"; do
     gguf=$(ls "$MODELS_DIR/$m"/*.gguf | head -1)
-    "$VENV/bin/python" benches/llm_peers.py --model "$m" --gguf "$gguf" \
-        --text ../shared/data/summaries/tweetsumm_train.jsonl \
-        --threads "${THREADS:-2}" --runs "${RUNS:-3}" | tee -a "$OUT"
+    for round in $(seq "${RUNS:-3}"); do
+        echo "round $round of ${RUNS:-3}, $m"
+        "$VENV/bin/python" benches/llm_peers.py --model "$m" --gguf "$gguf" \
+            --text ../shared/data/summaries/tweetsumm_train.jsonl \
+            --threads "${THREADS:-2}" --runs 1 2>/dev/null | tee -a "$OUT"
+        PALAVER_LLMS="$m" STOCK="${STOCK:-0}" RUNS=1 RAYON_NUM_THREADS="${THREADS:-2}" \
+            cargo bench -q --bench llm 2>/dev/null | grep '^| .* | [0-9.]* |' | tee -a "$OUT"
+    done
 done
-IFS=,; PALAVER_LLMS="${MODELS[*]}" STOCK="${STOCK:-0}" RUNS="${RUNS:-3}" RAYON_NUM_THREADS="${THREADS:-2}" \
-    cargo bench -q --bench llm 2>/dev/null | tee -a "$OUT"; unset IFS
 date -u +"run ended %Y-%m-%d %H:%M UTC"
-# Ratios per model and column: palaver / llama.cpp, palaver / fastest peer.
+# Each engine's median over the rounds, then per model and column the ratios
+# palaver / llama.cpp and palaver / fastest peer.
 awk -F'|' '
+    function median(m, e, c,    n, i, j, t, a) {
+        n = cnt[m, e, c]
+        for (i = 1; i <= n; i++) a[i] = v[m, e, c, i]
+        for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+        return n == 0 ? 0 : (n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2)
+    }
     NF >= 8 && $4 ~ /^ *[0-9.]+ *$/ {
         m = $2; e = $3; gsub(/^ +| +$/, "", m); gsub(/^ +| +$/, "", e)
-        for (c = 4; c <= 7; c++) v[m, e, c] = $c + 0
+        for (c = 4; c <= 7; c++) v[m, e, c, ++cnt[m, e, c]] = $c + 0
+        engines[m, e] = 1
         if (e != "palaver" && e != "candle stock") peers[m, e] = 1
         models[m] = 1
     }
     END {
-        print "| model | ratio | prompt 512 | prompt 1,024 | generation short | generation after 1,024 |"
+        print "| model | engine (median of rounds) | prompt 512 | prompt 1,024 | generation short | generation after 1,024 |"
         print "|---|---|---|---|---|---|"
+        for (k in engines) {
+            split(k, p, SUBSEP)
+            line = "| " p[1] " | " p[2] " |"
+            for (c = 4; c <= 7; c++) { med[p[1], p[2], c] = median(p[1], p[2], c); line = line sprintf(" %.1f |", med[p[1], p[2], c]) }
+            print line
+        }
         for (m in models) {
             line1 = "| " m " | palaver / llama.cpp |"; line2 = "| " m " | palaver / fastest peer |"
             for (c = 4; c <= 7; c++) {
                 best = 0
-                for (k in peers) { split(k, p, SUBSEP); if (p[1] == m && v[m, p[2], c] > best) best = v[m, p[2], c] }
-                l = v[m, "llama.cpp", c]
-                line1 = line1 sprintf(" %s |", l > 0 ? sprintf("%.2fx", v[m, "palaver", c] / l) : "")
-                line2 = line2 sprintf(" %s |", best > 0 ? sprintf("%.2fx", v[m, "palaver", c] / best) : "")
+                for (k in peers) { split(k, p, SUBSEP); if (p[1] == m && med[m, p[2], c] > best) best = med[m, p[2], c] }
+                l = med[m, "llama.cpp", c]
+                line1 = line1 sprintf(" %s |", l > 0 ? sprintf("%.2fx", med[m, "palaver", c] / l) : "")
+                line2 = line2 sprintf(" %s |", best > 0 ? sprintf("%.2fx", med[m, "palaver", c] / best) : "")
             }
             print line1; print line2
         }
