@@ -68,8 +68,9 @@ awk -F'|' '
             split(k, p, SUBSEP)
             line = "| " p[1] " | " p[2] " |"
             for (c = 4; c <= 7; c++) { med[p[1], p[2], c] = median(p[1], p[2], c); line = line sprintf(" %.1f |", med[p[1], p[2], c]) }
-            print line
+            print line | "sort"
         }
+        close("sort")
         for (m in models) {
             line1 = "| " m " | palaver / llama.cpp |"; line2 = "| " m " | palaver / fastest peer |"
             for (c = 4; c <= 7; c++) {

@@ -17,7 +17,7 @@
 //! Integer sums are exact, so a row's result does not depend on the rows
 //! multiplied with it nor on the kernel (vector or scalar): bit-identical.
 
-use super::qgemm::{amax, matmul_tiled, quantize_with, Tiled, TILE};
+use super::qgemm::{matmul_tiled, quantize_blocks, Tiled, TILE};
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 use rayon::prelude::*;
@@ -64,21 +64,16 @@ impl Q8KRows {
         let blocks = k / QK;
         let mut q = vec![0i8; rows * k];
         let mut d = vec![0f32; rows * blocks];
-        let mut sums = vec![0i32; rows * blocks * 4];
         let mut sums16 = vec![0i32; rows * blocks * 16];
-        for (i, (xb, qb)) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).enumerate() {
-            d[i] = amax(xb) / 127.0;
-            quantize_with(xb, d[i], qb);
-            let s16 = &mut sums16[i * 16..][..16];
-            for (s, c) in s16.iter_mut().zip(qb.chunks_exact(16)) {
-                *s = c.iter().map(|&v| v as i32).sum();
-            }
-            for p in 0..4 {
+        quantize_blocks(x, QK, &mut q, &mut d, &mut sums16);
+        let sums = sums16
+            .chunks_exact(4)
+            .map(|s| {
                 // |sum of 32| <= 4064: fits an i16 half.
-                let s = |j: usize| (s16[2 * j] + s16[2 * j + 1]) as i16 as u16 as i32;
-                sums[i * 4 + p] = s(2 * p) | (s(2 * p + 1) << 16);
-            }
-        }
+                let (a, b) = ((s[0] + s[1]) as i16 as u16 as i32, (s[2] + s[3]) as i16 as u16 as i32);
+                a | (b << 16)
+            })
+            .collect();
         Self { rows, q, d, sums, sums16 }
     }
 }

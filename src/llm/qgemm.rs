@@ -70,6 +70,36 @@ pub(super) fn quantize_with(x: &[f32], d: f32, out: &mut [i8]) {
     }
 }
 
+/// Quantizes `x` in blocks of `block` values (a multiple of 16), each with
+/// scale `amax / 127` (GGML's Q8_0 and Q8_K): the integers go to `q`, the
+/// scales to `d`, the sum of each 16 integers to `sums16`. A decode row is
+/// quantized once per matmul while the other cores wait, so it runs with
+/// AVX-512 where there is one: the same operations lane by lane as
+/// [`amax`] and [`quantize_with`] (a max is exact in any order, a product
+/// and a round to even are one IEEE operation each), so the same integers
+/// and scales (tested).
+pub(super) fn quantize_blocks(x: &[f32], block: usize, q: &mut [i8], d: &mut [f32], sums16: &mut [i32]) {
+    assert!(block.is_multiple_of(16) && x.len().is_multiple_of(block), "{} values in blocks of {block}", x.len());
+    assert!(q.len() == x.len() && d.len() == x.len() / block && sums16.len() == x.len() / 16, "output sizes");
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::avx512f() {
+        // SAFETY: AVX-512 F is present; the sizes were checked above.
+        unsafe { avx512::quantize_blocks(x, block, q, d, sums16) };
+        return;
+    }
+    quantize_blocks_scalar(x, block, q, d, sums16);
+}
+
+fn quantize_blocks_scalar(x: &[f32], block: usize, q: &mut [i8], d: &mut [f32], sums16: &mut [i32]) {
+    for (i, (xb, qb)) in x.chunks_exact(block).zip(q.chunks_exact_mut(block)).enumerate() {
+        d[i] = amax(xb) / 127.0;
+        quantize_with(xb, d[i], qb);
+    }
+    for (s, c) in sums16.iter_mut().zip(q.chunks_exact(16)) {
+        *s = c.iter().map(|&v| v as i32).sum();
+    }
+}
+
 impl PackedWeight {
     /// `w`: `n` rows of `k` f32 (one per output). `k` must be a multiple of 32.
     /// A weight that was Q8_0 comes back exactly: its blocks requantize to the
@@ -229,15 +259,11 @@ unsafe impl Send for SyncPtr {}
 
 impl QuantRows {
     pub fn new(x: &[f32], rows: usize, k: usize) -> Self {
-        let blocks = k / BLOCK;
         let mut q = vec![0i8; rows * k];
-        let mut scale = vec![0f32; rows * blocks];
-        let mut offset = vec![0i32; rows * blocks];
-        for (i, (xb, qb)) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).enumerate() {
-            scale[i] = amax(xb) / 127.0;
-            quantize_with(xb, scale[i], qb);
-            offset[i] = -128 * qb.iter().map(|&v| v as i32).sum::<i32>();
-        }
+        let mut scale = vec![0f32; rows * k / BLOCK];
+        let mut sums16 = vec![0i32; rows * k / 16];
+        quantize_blocks(x, BLOCK, &mut q, &mut scale, &mut sums16);
+        let offset = sums16.chunks_exact(2).map(|s| -128 * (s[0] + s[1])).collect();
         Self { rows, k, q, scale, offset }
     }
 }
@@ -291,14 +317,24 @@ pub(super) mod avx512 {
                 *a = [o, o];
             }
             let wb = w.as_ptr().add(b * BLOCK * TILE);
+            // With one or two rows, odd groups sum into registers of their
+            // own so that `vpdpbusd`'s latency does not serialise the block.
+            let mut odd = [[_mm512_setzero_si512(); 2]; R];
             for g in 0..BLOCK / 4 {
                 let w0 = _mm512_loadu_si512(wb.add(g * TILE * 4) as *const __m512i);
                 let w1 = _mm512_loadu_si512(wb.add(g * TILE * 4 + 64) as *const __m512i);
-                for (i, a) in acc.iter_mut().enumerate() {
+                for i in 0..R {
                     let four = (x.add(i * k + b * BLOCK + g * 4) as *const i32).read_unaligned();
                     let xv = _mm512_set1_epi32(four);
+                    let a = if R <= 2 && g % 2 == 1 { &mut odd[i] } else { &mut acc[i] };
                     a[0] = _mm512_dpbusd_epi32(a[0], w0, xv);
                     a[1] = _mm512_dpbusd_epi32(a[1], w1, xv);
+                }
+            }
+            if R <= 2 {
+                for (a, o) in acc.iter_mut().zip(&odd) {
+                    a[0] = _mm512_add_epi32(a[0], o[0]);
+                    a[1] = _mm512_add_epi32(a[1], o[1]);
                 }
             }
             let s0 = _mm512_cvtph_ps(_mm256_loadu_si256(s.as_ptr().add(b * TILE) as *const __m256i));
@@ -310,6 +346,35 @@ pub(super) mod avx512 {
             }
         }
         store_tile(&f, out, ldo, cols);
+    }
+
+    /// [`super::quantize_blocks`] with 16 lanes: the same max, product,
+    /// round to even and clamp per value as the scalar loop.
+    ///
+    /// # Safety
+    /// AVX-512 F present; `x` and `q` of equal length, a multiple of
+    /// `block` (itself a multiple of 16); `d` and `sums16` sized for them.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn quantize_blocks(x: &[f32], block: usize, q: &mut [i8], d: &mut [f32], sums16: &mut [i32]) {
+        let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+        for b in 0..x.len() / block {
+            let xb = x.as_ptr().add(b * block);
+            let mut m = _mm512_setzero_ps();
+            for j in 0..block / 16 {
+                m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xb.add(16 * j))));
+            }
+            let scale = _mm512_reduce_max_ps(m) / 127.0;
+            d[b] = scale;
+            let id = _mm512_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+            for j in 0..block / 16 {
+                let v = _mm512_mul_ps(_mm512_loadu_ps(xb.add(16 * j)), id);
+                let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+                let i = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, r)));
+                let bytes = _mm512_cvtepi32_epi8(i);
+                _mm_storeu_si128(q.as_mut_ptr().add(b * block + 16 * j) as *mut __m128i, bytes);
+                sums16[(b * block) / 16 + j] = _mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(bytes));
+            }
+        }
     }
 
     /// Writes `R` rows of a 32-column tile (row stride `ldo`), its first
@@ -407,6 +472,32 @@ pub(super) mod tests {
         for (m, n, k) in SHAPES {
             let (x, w) = (rnd(m * k, 3 + k as u64), rnd(n * k, 5 + m as u64));
             vector_equals_scalar(&PackedWeight::from_f32(&w, n, k), &x, m);
+        }
+    }
+
+    #[test]
+    fn vector_quantization_equals_scalar_bit_for_bit() {
+        if !crate::cpu::avx512f() {
+            eprintln!("no AVX-512 here: only the scalar quantization runs");
+            return;
+        }
+        for block in [16, BLOCK, 256] {
+            let len = block * 7;
+            let mut x: Vec<f32> = rnd(len, block as u64).iter().map(|v| v * 3.0).collect();
+            x[..block].fill(0.0); // a block of zeros: scale 0, integers 0
+            x[block + 5] = 900.0; // an outlier flattens its own block only
+            x[2 * block + 1] = -1e-30; // tiny values next to ordinary ones
+            // Values that land exactly half-way between two integers: ties go to even.
+            x[3 * block..4 * block].iter_mut().enumerate().for_each(|(i, v)| *v = (i % 32) as f32 - 8.5);
+            x[3 * block] = 127.0; // scale 1
+            let (mut q1, mut d1, mut s1) = (vec![0i8; len], vec![0f32; len / block], vec![0i32; len / 16]);
+            let (mut q2, mut d2, mut s2) = (q1.clone(), d1.clone(), s1.clone());
+            quantize_blocks(&x, block, &mut q1, &mut d1, &mut s1);
+            quantize_blocks_scalar(&x, block, &mut q2, &mut d2, &mut s2);
+            assert_eq!(q1, q2, "integers, blocks of {block}");
+            assert_eq!(d1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), d2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            assert_eq!(s1, s2, "sums of 16, blocks of {block}");
+            assert_eq!(&q2[3 * block + 1..3 * block + 4], &[-8, -6, -6], "-7.5, -6.5, -5.5 round to even");
         }
     }
 

@@ -73,29 +73,26 @@ impl Config {
 
 /// A quantized weight with an optional bias, and the kernel chosen per pass.
 ///
-/// On a CPU with AVX-512 VNNI, Q4_K and Q6_K weights (the 1.5B model) run on
-/// palaver's exact kernels for them ([`PackedQ4K`], [`PackedQ6K`]: the
-/// stored bytes regrouped) for prompts and decoding alike. palaver's block
-/// int8 GEMM ([`PackedWeight`],
-/// repacked once here, the bytes of Q8_0) runs every pass of the weights
-/// candle has no int8 kernel for (its row-by-row fallback is 3-9x slower,
-/// `cargo bench --bench kernels`), and the prompt passes of Q8_0 weights it
-/// has one for (1.2x faster at 512 rows; candle keeps their decode passes).
+/// On a CPU with AVX-512 VNNI every pass runs on palaver's kernels: Q4_K and
+/// Q6_K weights (the 1.5B model) on its exact kernels for them
+/// ([`PackedQ4K`], [`PackedQ6K`]: the stored bytes regrouped), every other
+/// type on its block int8 GEMM ([`PackedWeight`], repacked once here, the
+/// bytes of Q8_0), for prompts and decoding alike. So the model's matmuls all
+/// run on one pool, rayon's: candle's own repacked kernels bring a second
+/// pool of spinning workers (BENCHMARKS.md, "Two thread pools"), and its
+/// row-by-row fallback is 3-9x slower (`cargo bench --bench kernels`).
 /// Without VNNI, prompts dequantize to one f32 GEMM and decoding stays on
-/// candle.
+/// candle's quantized matmul.
 ///
 /// On palaver's kernels a row's result never depends on the rows read with
 /// it, so a prompt read whole, in chunks or after a reused prefix gives the
-/// same numbers, and so does a sequence decoded alone or in a batch. candle's
-/// repacked kernel (Q8_0 weights of other models) rounds one row differently
-/// from several.
+/// same numbers, and so does a sequence decoded alone or in a batch.
 struct Linear {
-    /// candle's quantized matmul over the GGUF tensor, when some pass uses it.
+    /// candle's quantized matmul over the GGUF tensor, where none of
+    /// palaver's kernels takes the weight.
     quant: Option<(QMatMul, Arc<QTensor>)>,
     int8: Option<PackedWeight>,
     kquant: Option<KQuant>,
-    /// Whether candle runs this weight with its repacked int8 kernel.
-    candle_int8: bool,
     /// Whether a prompt pass without palaver's int8 kernel may dequantize
     /// the weight for one f32 GEMM on the CPU (`Kernels::Native` on the CPU;
     /// else candle's quantized matmul).
@@ -116,25 +113,22 @@ impl Linear {
                 _ => None,
             };
             if kquant.is_some() {
-                return Ok(Self { quant: None, int8: None, kquant, candle_int8: false, host_gemm: native, bias });
+                return Ok(Self { quant: None, int8: None, kquant, host_gemm: native, bias });
             }
         }
-        let candle_int8 = native && candle_has_int8_gemm(&w);
-        let own = vnni && k.is_multiple_of(qgemm::BLOCK);
-        // (K-quants with candle's repacked kernel took palaver's above.)
-        let int8 = if own {
+        let int8 = if vnni && k.is_multiple_of(qgemm::BLOCK) {
             let f = dequantize(&w)?.flatten_all()?.to_vec1::<f32>()?;
             Some(PackedWeight::from_f32(&f, n, k))
         } else {
             None
         };
-        let quant = if int8.is_none() || candle_int8 {
+        let quant = if int8.is_none() {
             let raw = Arc::new(w);
             Some((QMatMul::from_arc(raw.clone())?, raw))
         } else {
             None
         };
-        Ok(Self { quant, int8, kquant: None, candle_int8, host_gemm: native, bias })
+        Ok(Self { quant, int8, kquant: None, host_gemm: native, bias })
     }
 
     /// `x`: (rows, in) -> (rows, out).
@@ -142,19 +136,9 @@ impl Linear {
         let y = match (&self.kquant, &self.int8, &self.quant) {
             (Some(KQuant::Q4K(p)), _, _) => tiled_matmul(p, x)?,
             (Some(KQuant::Q6K(p)), _, _) => tiled_matmul(p, x)?,
-            (_, Some(p), _) if self.own_int8(prompt).is_some() => tiled_matmul(p, x)?,
-            (_, None, Some((_, raw))) if prompt && self.host_gemm && !self.candle_int8 => {
-                x.matmul(&dequantize(raw)?.t()?)?
-            }
-            // candle's repacked kernel takes another path for a single row,
-            // which rounds differently from two rows or more: a 1-token
-            // prompt chunk (the last token of a reused prompt) goes in twice,
-            // so that it gets the arithmetic of the cold run's chunk. Decode
-            // steps keep the single-row path: two rows cost 1.6x one there.
-            (_, _, Some((q, _))) if prompt && self.candle_int8 && x.dim(0)? == 1 => {
-                q.forward(&Tensor::cat(&[x, x], 0)?)?.narrow(0, 0, 1)?
-            }
-            (_, _, Some((q, _))) => q.forward(x)?,
+            (_, Some(p), _) => tiled_matmul(p, x)?,
+            (_, None, Some((_, raw))) if prompt && self.host_gemm => x.matmul(&dequantize(raw)?.t()?)?,
+            (_, None, Some((q, _))) => q.forward(x)?,
             (_, _, None) => unreachable!("a Linear without candle's kernel has one of palaver's"),
         };
         self.add_bias(y)
@@ -210,19 +194,13 @@ impl Linear {
             let xs = x.flatten_all()?.to_vec1::<f32>()?;
             return run(qgemm::matmul_tiled_many(&ps, &xs, rows));
         }
-        let int8: Option<Vec<&PackedWeight>> = ws.iter().map(|w| w.own_int8(prompt)).collect();
+        let int8: Option<Vec<&PackedWeight>> = ws.iter().map(|w| w.int8.as_ref()).collect();
         if let Some(ps) = int8 {
             let xs = x.flatten_all()?.to_vec1::<f32>()?;
             return run(qgemm::matmul_tiled_many(&ps, &xs, rows));
         }
         let ys = ws.iter().map(|w| w.forward(x, prompt)).collect::<Result<Vec<_>>>()?;
         Ok(ys.try_into().unwrap_or_else(|_| unreachable!("one product per weight")))
-    }
-
-    /// palaver's int8 GEMM, when it runs this weight in this pass: always
-    /// where candle has no kernel for it, for prompts where it has one.
-    fn own_int8(&self, prompt: bool) -> Option<&PackedWeight> {
-        self.int8.as_ref().filter(|_| prompt || self.quant.is_none())
     }
 
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {
@@ -268,18 +246,6 @@ fn tiled_matmul<P: qgemm::Tiled>(p: &P, x: &Tensor) -> Result<Tensor> {
     let rows = x.dim(0)?;
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
     Tensor::from_vec(qgemm::matmul_tiled(p, &xs, rows), (rows, p.n()), x.device())
-}
-
-/// Whether candle 0.11 multiplies rows by this weight with its repacked int8
-/// kernels (AVX-512 VNNI dot products): Q4_K, Q6_K and Q8_0 weights whose
-/// input size is a multiple of 256 and output size of 16, on a CPU with
-/// AVX-512 VNNI. Every other weight (the 0.5B model's 896-wide layers, Q4_0,
-/// Q5_K...) falls to candle's row-by-row kernel.
-fn candle_has_int8_gemm(w: &QTensor) -> bool {
-    let Ok((n, k)) = w.shape().dims2() else { return false };
-    let shape_ok = k.is_multiple_of(256) && n.is_multiple_of(16);
-    let dtype_ok = matches!(w.dtype(), GgmlDType::Q4K | GgmlDType::Q6K | GgmlDType::Q8_0);
-    shape_ok && dtype_ok && crate::cpu::avx512_vnni()
 }
 
 /// Dequantizes on all cores (candle's own `dequantize` runs on one).
@@ -435,10 +401,12 @@ impl Transformer {
     /// attention runs per sequence against its own cache. Returns the logits of
     /// each step's last token, (steps, vocab).
     ///
-    /// `prompt` marks a pass that reads prompt tokens (it may use the GEMM
-    /// path); a decode pass keeps candle's quantized kernel, whose result per
-    /// row is the same whatever the batch, so batched and single generation
-    /// give the same tokens.
+    /// `prompt` marks a pass that reads prompt tokens: where palaver's
+    /// kernels do not take a weight (a CPU without AVX-512 VNNI), it may
+    /// dequantize the weight for one f32 GEMM, while a decode pass keeps
+    /// candle's quantized matmul, whose result per row is the same whatever
+    /// the batch. On either path batched and single generation give the same
+    /// tokens.
     pub fn forward_many(&self, steps: &mut [Step<'_>], prompt: bool) -> Result<Tensor> {
         // The pass runs on a worker of the compute pool: its many parallel
         // loops (several per layer) then split work with the other workers
