@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod batching;
 pub mod draft;
+pub mod embed;
 pub mod kv;
 pub mod q4k;
 pub mod q6k;

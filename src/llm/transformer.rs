@@ -8,6 +8,7 @@
 //! caller ([`SeqCache`]) and a prompt chunk is one GEMM per weight.
 
 use super::attention;
+use super::embed::Embedding;
 use super::kv::{LayerKv, SeqCache};
 use super::q4k::{self, PackedQ4K, Q8KRows, SuperBlocks};
 use super::q6k::PackedQ6K;
@@ -116,7 +117,9 @@ impl Linear {
                 return Ok(Self { quant: None, int8: None, kquant, host_gemm: native, bias });
             }
         }
-        let int8 = if vnni && k.is_multiple_of(qgemm::BLOCK) {
+        let int8 = if vnni && w.dtype() == GgmlDType::Q8_0 && k.is_multiple_of(qgemm::BLOCK) {
+            Some(PackedWeight::from_q8_0(&w.data()?, n, k))
+        } else if vnni && k.is_multiple_of(qgemm::BLOCK) {
             let f = dequantize(&w)?.flatten_all()?.to_vec1::<f32>()?;
             Some(PackedWeight::from_f32(&f, n, k))
         } else {
@@ -316,7 +319,7 @@ pub struct Transformer {
     cfg: Config,
     /// palaver's CPU kernels run (`Kernels::Native` on the CPU).
     native: bool,
-    embed: Tensor,
+    embed: Embedding,
     layers: Vec<Layer>,
     norm: Tensor,
     output: Linear,
@@ -339,13 +342,12 @@ impl Transformer {
         let native = kernels == Kernels::Native && device.is_cpu();
         let cfg = Config::from_gguf(ct)?;
         let mut qt = |name: &str| ct.tensor(r, name, device);
-        let embed_q = qt("token_embd.weight")?;
-        let embed = embed_q.dequantize(device)?;
+        let embed = Embedding::new(qt("token_embd.weight")?, native)?;
         let norm = qt("output_norm.weight")?.dequantize(device)?;
         // Tied embeddings: the output layer reuses the embedding matrix.
         let output = match qt("output.weight") {
             Ok(w) => Linear::new(w, None, native)?,
-            Err(_) => Linear::new(embed_q, None, native)?,
+            Err(_) => Linear::new(qt("token_embd.weight")?, None, native)?,
         };
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
@@ -447,8 +449,7 @@ impl Transformer {
             plans.push(Plan { row, t, cos: self.cos.narrow(0, past, t)?, sin: self.sin.narrow(0, past, t)?, mask });
             row += t;
         }
-        let ids = Tensor::new(all.as_slice(), &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?; // (rows, hidden)
+        let mut x = self.embed.lookup(&all, &self.device)?; // (rows, hidden)
         for (i, l) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &l.attn_norm, c.rms_eps)?;
             let [q, k, v] = Linear::forward_group([&l.q, &l.k, &l.v], &h, prompt)?;
