@@ -48,9 +48,9 @@ def torch_bf16(args):
 
 
 def torch_f32(args):
-    # Without AMX, bf16 matmuls are no faster than f32 ones and pay for the
-    # casts (transformers 5 says so when it loads a GGUF file in bf16): the
-    # fastest PyTorch peer on such a CPU may be this one.
+    # transformers 5 advises f32 for GGUF files; measured too, so that the
+    # fastest PyTorch setting is the peer. On the AVX-512 BF16 CPU of
+    # BENCHMARKS.md it ran at half the bf16 speed.
     import torch
 
     return torch_run(args, torch.float32)

@@ -3,33 +3,35 @@
 //! These models' vocabularies hold 152k tokens: in f32 their table takes
 //! 0.54 GB (0.5B) and 0.93 GB (1.5B), as much as all their other weights
 //! together, for a pass that reads a few of its rows. So on the CPU the
-//! table stays as the GGUF file stores it and a pass dequantizes the rows
-//! of its own tokens, with the same function (GGML's `to_float`) as the
-//! whole-table dequantization, so the same numbers. Elsewhere (a GPU) the
-//! table is dequantized once and rows are gathered on the device.
+//! table stays as the GGUF file stores it (shared with a tied output layer)
+//! and a pass dequantizes the rows of its own tokens, with the function
+//! that dequantizes whole tensors, so the same numbers. Elsewhere (a GPU),
+//! or for a block type without a decoder here, the table is dequantized once
+//! and rows are gathered on the device.
 
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType};
-use candle_core::quantized::{GgmlDType, QTensor};
+use super::transformer::dequantize_into;
+use candle_core::quantized::QTensor;
 use candle_core::{Device, Result, Tensor};
+use std::sync::Arc;
 
 pub enum Embedding {
-    /// Quantized rows on the host: `dtype` blocks, `row_bytes` per token.
-    Rows { q: QTensor, dtype: GgmlDType, hidden: usize, row_bytes: usize },
+    /// The quantized table on the host, (vocabulary, hidden).
+    Rows(Arc<QTensor>),
     /// The dequantized table on its device.
     Table(Tensor),
 }
 
 impl Embedding {
-    /// `q`: (vocabulary, hidden). `rows` keeps it quantized when this is the
-    /// CPU and its block type has a row decoder here.
-    pub fn new(q: QTensor, rows: bool) -> Result<Self> {
-        let (vocab, hidden) = q.shape().dims2()?;
-        let dtype = q.dtype();
-        let decodable = matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
-        if rows && decodable && q.device().is_cpu() && hidden.is_multiple_of(dtype.block_size()) {
-            let row_bytes = hidden / dtype.block_size() * dtype.type_size();
-            if q.data()?.len() == vocab * row_bytes {
-                return Ok(Self::Rows { q, dtype, hidden, row_bytes });
+    /// `q`: (vocabulary, hidden). `rows`: keep it quantized if it is on the
+    /// CPU and its rows decode here.
+    pub fn new(q: Arc<QTensor>, rows: bool) -> Result<Self> {
+        q.shape().dims2()?;
+        if rows && q.device().is_cpu() {
+            let e = Self::Rows(q.clone());
+            // The first row decodes: the type has a decoder here and a row
+            // is whole blocks.
+            if e.lookup(&[0], &Device::Cpu).is_ok() {
+                return Ok(e);
             }
         }
         Ok(Self::Table(q.dequantize(&q.device())?))
@@ -37,47 +39,38 @@ impl Embedding {
 
     /// The rows of `ids`: (ids, hidden) f32.
     pub fn lookup(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
-        let (q, dtype, hidden, row_bytes) = match self {
+        let q = match self {
             Self::Table(t) => return t.index_select(&Tensor::new(ids, device)?, 0),
-            Self::Rows { q, dtype, hidden, row_bytes } => (q, *dtype, *hidden, *row_bytes),
+            Self::Rows(q) => q,
         };
+        let (vocab, hidden) = q.shape().dims2()?;
+        let row_bytes = hidden / q.dtype().block_size() * q.dtype().type_size();
         let bytes = q.data()?;
-        let vocab = bytes.len() / row_bytes;
         let mut out = vec![0f32; ids.len() * hidden];
         for (&id, o) in ids.iter().zip(out.chunks_exact_mut(hidden)) {
             if id as usize >= vocab {
                 candle_core::bail!("token id {id} is outside the vocabulary of {vocab}");
             }
-            let row = &bytes[id as usize * row_bytes..][..row_bytes];
-            match dtype {
-                GgmlDType::Q8_0 => decode::<BlockQ8_0>(row, o),
-                GgmlDType::Q4_0 => decode::<BlockQ4_0>(row, o),
-                GgmlDType::Q4K => decode::<BlockQ4K>(row, o),
-                GgmlDType::Q5K => decode::<BlockQ5K>(row, o),
-                GgmlDType::Q6K => decode::<BlockQ6K>(row, o),
-                _ => unreachable!("Embedding::new keeps rows of decodable types only"),
-            }?;
+            if !dequantize_into(q.dtype(), &bytes[id as usize * row_bytes..][..row_bytes], o) {
+                candle_core::bail!("embedding rows of {:?} do not decode here", q.dtype());
+            }
         }
         Tensor::from_vec(out, (ids.len(), hidden), device)
     }
 }
 
-/// One row of GGML blocks to f32.
-fn decode<T: GgmlType>(row: &[u8], out: &mut [f32]) -> Result<()> {
-    let size = std::mem::size_of::<T>();
-    if !(row.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) || row.len() / size * T::BLCK_SIZE != out.len() {
-        candle_core::bail!("embedding row of {} bytes does not hold {} values", row.len(), out.len());
-    }
-    // SAFETY: GGML blocks are #[repr(C)] structs of f16 scales and integer
-    // arrays, valid for any bit pattern; length and alignment checked above.
-    let blocks = unsafe { std::slice::from_raw_parts(row.as_ptr() as *const T, row.len() / size) };
-    T::to_float(blocks, out);
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::GgmlDType;
+
+    fn table(x: &Tensor, dt: GgmlDType, rows: bool) -> Embedding {
+        Embedding::new(Arc::new(QTensor::quantize(x, dt).unwrap()), rows).unwrap()
+    }
+
+    fn values(t: Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
 
     #[test]
     fn quantized_rows_equal_the_dequantized_table() {
@@ -85,11 +78,10 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (vocab, hidden), &Device::Cpu).unwrap();
         let ids = [0u32, 36, 5, 5, 17];
         for dt in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
-            let table = Embedding::new(QTensor::quantize(&x, dt).unwrap(), false).unwrap();
-            let rows = Embedding::new(QTensor::quantize(&x, dt).unwrap(), true).unwrap();
-            assert!(matches!(rows, Embedding::Rows { .. }), "{dt:?} stays quantized");
-            let a: Vec<f32> = table.lookup(&ids, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let b: Vec<f32> = rows.lookup(&ids, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let (whole, rows) = (table(&x, dt, false), table(&x, dt, true));
+            assert!(matches!(rows, Embedding::Rows(_)), "{dt:?} stays quantized");
+            let a = values(whole.lookup(&ids, &Device::Cpu).unwrap());
+            let b = values(rows.lookup(&ids, &Device::Cpu).unwrap());
             assert_eq!(a, b, "{dt:?}");
             assert!(rows.lookup(&[vocab as u32], &Device::Cpu).unwrap_err().to_string().contains("outside the vocabulary"));
         }
@@ -98,9 +90,9 @@ mod tests {
     #[test]
     fn other_types_keep_the_table() {
         let x = Tensor::randn(0f32, 1.0, (8, 64), &Device::Cpu).unwrap();
-        let e = Embedding::new(QTensor::quantize(&x, GgmlDType::F16).unwrap(), true).unwrap();
+        let e = table(&x, GgmlDType::F16, true);
         assert!(matches!(e, Embedding::Table(_)));
-        let got: Vec<f32> = e.lookup(&[3], &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got = values(e.lookup(&[3], &Device::Cpu).unwrap());
         let want: Vec<f32> = x.get(3).unwrap().to_vec1().unwrap();
         assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-2));
     }

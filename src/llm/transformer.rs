@@ -104,7 +104,7 @@ struct Linear {
 impl Linear {
     /// `native`: palaver's CPU kernels may run it (`Kernels::Native` on the
     /// CPU, see [`Kernels`]).
-    fn new(w: QTensor, bias: Option<Tensor>, native: bool) -> Result<Self> {
+    fn new(w: Arc<QTensor>, bias: Option<Tensor>, native: bool) -> Result<Self> {
         let (n, k) = w.shape().dims2()?;
         let vnni = native && w.device().is_cpu() && crate::cpu::avx512_vnni();
         if vnni && k.is_multiple_of(q4k::QK) {
@@ -126,8 +126,7 @@ impl Linear {
             None
         };
         let quant = if int8.is_none() {
-            let raw = Arc::new(w);
-            Some((QMatMul::from_arc(raw.clone())?, raw))
+            Some((QMatMul::from_arc(w.clone())?, w))
         } else {
             None
         };
@@ -253,26 +252,31 @@ fn tiled_matmul<P: qgemm::Tiled>(p: &P, x: &Tensor) -> Result<Tensor> {
 
 /// Dequantizes on all cores (candle's own `dequantize` runs on one).
 pub fn dequantize(q: &QTensor) -> Result<Tensor> {
-    use candle_core::quantized::k_quants::*;
     let dev = q.device();
     if !dev.is_cpu() {
         return q.dequantize(&dev);
     }
-    let n = q.shape().elem_count();
-    let bytes = q.data()?;
-    let mut out = vec![0f32; n];
-    let done = match q.dtype() {
-        GgmlDType::Q8_0 => par_to_float::<BlockQ8_0>(&bytes, &mut out),
-        GgmlDType::Q4_0 => par_to_float::<BlockQ4_0>(&bytes, &mut out),
-        GgmlDType::Q4K => par_to_float::<BlockQ4K>(&bytes, &mut out),
-        GgmlDType::Q5K => par_to_float::<BlockQ5K>(&bytes, &mut out),
-        GgmlDType::Q6K => par_to_float::<BlockQ6K>(&bytes, &mut out),
-        _ => false,
-    };
-    if !done {
+    let mut out = vec![0f32; q.shape().elem_count()];
+    if !dequantize_into(q.dtype(), &q.data()?, &mut out) {
         return q.dequantize(&dev);
     }
     Tensor::from_vec(out, q.shape(), &dev)
+}
+
+/// GGML blocks of `dtype` in `bytes` to f32 in `out`, with GGML's own
+/// `to_float` (so candle's numbers), on all cores for a large tensor. False,
+/// with nothing written, for a type not handled here or bytes that are not
+/// whole, aligned blocks of `out.len()` values.
+pub(super) fn dequantize_into(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> bool {
+    use candle_core::quantized::k_quants::*;
+    match dtype {
+        GgmlDType::Q8_0 => par_to_float::<BlockQ8_0>(bytes, out),
+        GgmlDType::Q4_0 => par_to_float::<BlockQ4_0>(bytes, out),
+        GgmlDType::Q4K => par_to_float::<BlockQ4K>(bytes, out),
+        GgmlDType::Q5K => par_to_float::<BlockQ5K>(bytes, out),
+        GgmlDType::Q6K => par_to_float::<BlockQ6K>(bytes, out),
+        _ => false,
+    }
 }
 
 fn par_to_float<T: candle_core::quantized::k_quants::GgmlType>(bytes: &[u8], out: &mut [f32]) -> bool {
@@ -342,19 +346,20 @@ impl Transformer {
         let native = kernels == Kernels::Native && device.is_cpu();
         let cfg = Config::from_gguf(ct)?;
         let mut qt = |name: &str| ct.tensor(r, name, device);
-        let embed = Embedding::new(qt("token_embd.weight")?, native)?;
+        let embed_q = Arc::new(qt("token_embd.weight")?);
         let norm = qt("output_norm.weight")?.dequantize(device)?;
         // Tied embeddings: the output layer reuses the embedding matrix.
         let output = match qt("output.weight") {
-            Ok(w) => Linear::new(w, None, native)?,
-            Err(_) => Linear::new(qt("token_embd.weight")?, None, native)?,
+            Ok(w) => Linear::new(Arc::new(w), None, native)?,
+            Err(_) => Linear::new(embed_q.clone(), None, native)?,
         };
+        let embed = Embedding::new(embed_q, native)?;
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let p = format!("blk.{i}");
             let mut lin = |w: &str, bias: bool| -> Result<Linear> {
                 let b = if bias { Some(qt(&format!("{p}.{w}.bias"))?.dequantize(device)?) } else { None };
-                Linear::new(qt(&format!("{p}.{w}.weight"))?, b, native)
+                Linear::new(Arc::new(qt(&format!("{p}.{w}.weight"))?), b, native)
             };
             let bias = cfg.arch == Arch::Qwen2;
             let (q, k, v) = (lin("attn_q", bias)?, lin("attn_k", bias)?, lin("attn_v", bias)?);
