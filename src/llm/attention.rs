@@ -13,6 +13,7 @@
 //! makes chunked and reused prompts give the cold run's numbers exactly.
 
 use super::kv::HostKv;
+use super::transformer::with_values;
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
@@ -25,23 +26,24 @@ pub fn causal(q: &Tensor, kv: &HostKv<'_>) -> Result<Tensor> {
     if heads % kv_heads != 0 || t > len || hd != kv.head_dim {
         candle_core::bail!("attention of {heads} heads of {hd} over {kv_heads} KV heads of {}, {t} new of {len} tokens", kv.head_dim);
     }
-    let qv: Vec<f32> = q.flatten_all()?.to_vec1()?;
-    let group = heads / kv_heads;
-    let past = len - t;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let mut out = vec![0f32; t * heads * hd];
-    // Chunk r*kv_heads + kvh: token r, the query heads of KV head kvh, which
-    // read its keys and values once together. Later tokens see more keys;
-    // rayon's work stealing evens that out.
-    out.par_chunks_mut(group * hd).enumerate().for_each_init(Vec::new, |p: &mut Vec<f32>, (task, o)| {
-        let (r, kvh) = (task / kv_heads, task % kv_heads);
-        let visible = past + r + 1;
-        let keys = &kv.keys[kvh * cap * hd..][..cap * hd];
-        let vals = &kv.values[kvh * cap * hd..][..visible * hd];
-        let qs: Vec<&[f32]> = (kvh * group..(kvh + 1) * group).map(|h| &qv[(h * t + r) * hd..][..hd]).collect();
-        crate::attend::query_group(&qs, keys, vals, visible, scale, p, o);
-    });
-    Tensor::from_vec(out, (t, heads * hd), q.device())
+    with_values(q, |qv| {
+        let group = heads / kv_heads;
+        let past = len - t;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut out = vec![0f32; t * heads * hd];
+        // Chunk r*kv_heads + kvh: token r, the query heads of KV head kvh, which
+        // read its keys and values once together. Later tokens see more keys;
+        // rayon's work stealing evens that out.
+        out.par_chunks_mut(group * hd).enumerate().for_each_init(Vec::new, |p: &mut Vec<f32>, (task, o)| {
+            let (r, kvh) = (task / kv_heads, task % kv_heads);
+            let visible = past + r + 1;
+            let keys = &kv.keys[kvh * cap * hd..][..cap * hd];
+            let vals = &kv.values[kvh * cap * hd..][..visible * hd];
+            let qs: Vec<&[f32]> = (kvh * group..(kvh + 1) * group).map(|h| &qv[(h * t + r) * hd..][..hd]).collect();
+            crate::attend::query_group(&qs, keys, vals, visible, scale, p, o);
+        });
+        Tensor::from_vec(out, (t, heads * hd), q.device())
+    })
 }
 
 #[cfg(test)]

@@ -193,13 +193,11 @@ impl Linear {
         };
         let kquants: Option<Vec<&KQuant>> = ws.iter().map(|w| w.kquant.as_ref()).collect();
         if let Some(ps) = kquants {
-            let xs = x.flatten_all()?.to_vec1::<f32>()?;
-            return run(qgemm::matmul_tiled_many(&ps, &xs, rows));
+            return run(with_values(x, |xs| Ok(qgemm::matmul_tiled_many(&ps, xs, rows)))?);
         }
         let int8: Option<Vec<&PackedWeight>> = ws.iter().map(|w| w.int8.as_ref()).collect();
         if let Some(ps) = int8 {
-            let xs = x.flatten_all()?.to_vec1::<f32>()?;
-            return run(qgemm::matmul_tiled_many(&ps, &xs, rows));
+            return run(with_values(x, |xs| Ok(qgemm::matmul_tiled_many(&ps, xs, rows)))?);
         }
         let ys = ws.iter().map(|w| w.forward(x, prompt)).collect::<Result<Vec<_>>>()?;
         Ok(ys.try_into().unwrap_or_else(|_| unreachable!("one product per weight")))
@@ -222,7 +220,11 @@ impl Linear {
 /// (`engine::llama_forward_matches_candles_stock_model`). Host tensors
 /// only: other passes take candle's `silu` and `mul` (`Transformer::pass`).
 fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    let (gv, uv) = (g.flatten_all()?.to_vec1::<f32>()?, u.flatten_all()?.to_vec1::<f32>()?);
+    let out = with_values(g, |gv| with_values(u, |uv| swiglu_values(gv, uv)))?;
+    Tensor::from_vec(out, g.shape(), g.device())
+}
+
+fn swiglu_values(gv: &[f32], uv: &[f32]) -> Result<Vec<f32>> {
     if gv.len() != uv.len() {
         candle_core::bail!("swiglu of {} gates and {} inputs", gv.len(), uv.len());
     }
@@ -240,14 +242,26 @@ fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     } else {
         out.par_chunks_mut(PAR).zip(gv.par_chunks(PAR).zip(uv.par_chunks(PAR))).for_each(body);
     }
-    Tensor::from_vec(out, g.shape(), g.device())
+    Ok(out)
 }
 
 /// `x` (rows, in) times one of palaver's repacked weights.
 fn tiled_matmul<P: qgemm::Tiled>(p: &P, x: &Tensor) -> Result<Tensor> {
     let rows = x.dim(0)?;
-    let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    Tensor::from_vec(qgemm::matmul_tiled(p, &xs, rows), (rows, p.n()), x.device())
+    Tensor::from_vec(with_values(x, |xs| Ok(qgemm::matmul_tiled(p, xs, rows)))?, (rows, p.n()), x.device())
+}
+
+/// `f` of a host tensor's f32 values in row-major order: borrowed when the
+/// tensor is contiguous (a prompt chunk's activations are up to 9 MB a
+/// layer, and copying them was 3% of a prompt pass), copied otherwise.
+pub(super) fn with_values<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    {
+        let (storage, layout) = x.storage_and_layout();
+        if let (candle_core::Storage::Cpu(s), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
+            return f(&s.as_slice::<f32>()?[a..b]);
+        }
+    }
+    f(&x.flatten_all()?.to_vec1::<f32>()?)
 }
 
 /// Dequantizes on all cores (candle's own `dequantize` runs on one).
