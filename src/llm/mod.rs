@@ -10,6 +10,7 @@ pub mod kv;
 pub mod q4k;
 pub mod q6k;
 pub mod qgemm;
+pub mod swiglu;
 pub mod transformer;
 mod worker;
 

@@ -213,36 +213,12 @@ impl Linear {
 
 /// `silu(g) * u` in one pass (the MLP's gate) instead of candle's `silu`
 /// then `mul`, two passes over rows of 9,000 and more, and on the cores of
-/// the pool rather than as two candle ops. The same formula as candle's
-/// `silu` (`x / (1 + e^-x)`, libm's `expf`), so the same numbers: a
-/// vectorised polynomial `e^x` was as accurate on average but moved the
-/// greedy choices of the small SmolLM2 model against candle's stock model
-/// (`engine::llama_forward_matches_candles_stock_model`). Host tensors
-/// only: other passes take candle's `silu` and `mul` (`Transformer::pass`).
+/// the pool rather than as two candle ops; candle's numbers (see
+/// [`swiglu`](super::swiglu)). Host tensors only: other passes take candle's
+/// `silu` and `mul` (`Transformer::pass`).
 fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    let out = with_values(g, |gv| with_values(u, |uv| swiglu_values(gv, uv)))?;
+    let out = with_values(g, |gv| with_values(u, |uv| super::swiglu::swiglu(gv, uv)))?;
     Tensor::from_vec(out, g.shape(), g.device())
-}
-
-fn swiglu_values(gv: &[f32], uv: &[f32]) -> Result<Vec<f32>> {
-    if gv.len() != uv.len() {
-        candle_core::bail!("swiglu of {} gates and {} inputs", gv.len(), uv.len());
-    }
-    let mut out = vec![0f32; gv.len()];
-    let body = |(o, (g, u)): (&mut [f32], (&[f32], &[f32]))| {
-        for ((o, &x), &y) in o.iter_mut().zip(g).zip(u) {
-            *o = x / (1.0 + (-x).exp()) * y;
-        }
-    };
-    // libm's expf is scalar (about 4 ns): a decode row of 8,960 is split
-    // in two, a prompt chunk's millions over the whole pool.
-    const PAR: usize = 4096;
-    if out.len() <= PAR {
-        body((&mut out, (&gv, &uv)));
-    } else {
-        out.par_chunks_mut(PAR).zip(gv.par_chunks(PAR).zip(uv.par_chunks(PAR))).for_each(body);
-    }
-    Ok(out)
 }
 
 /// `x` (rows, in) times one of palaver's repacked weights.
@@ -586,24 +562,6 @@ mod tests {
             let theirs: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             assert_eq!(ours.len(), n);
             assert_eq!(ours, theirs, "{dt:?}");
-        }
-    }
-
-    #[test]
-    fn fused_swiglu_equals_silu_times_input() {
-        // Gates across the sigmoid's range, both tails included; long enough
-        // for the parallel path and short enough for the serial one. Bit for
-        // bit: the same formula as candle's.
-        let n = (1 << 16) + 1000;
-        let g: Vec<f32> = (0..n).map(|i| (i as f32 / n as f32 - 0.5) * 200.0).collect();
-        let u: Vec<f32> = (0..n).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
-        for len in [n, 8960, 1000] {
-            let gt = Tensor::from_slice(&g[..len], (1, len), &Device::Cpu).unwrap();
-            let ut = Tensor::from_slice(&u[..len], (1, len), &Device::Cpu).unwrap();
-            let ours: Vec<f32> = swiglu(&gt, &ut).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let want: Vec<f32> =
-                (candle_nn::ops::silu(&gt).unwrap() * &ut).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            assert_eq!(ours, want, "{len} gates");
         }
     }
 
