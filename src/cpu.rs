@@ -76,7 +76,7 @@ pub fn lane_tree_sum(acc: &[f32; 16]) -> f32 {
 /// of a thread's arena as soon as it is empty, whatever the trim threshold,
 /// unless the pad asks for that much room at the top. Without it a 256-row
 /// prompt pass of the 1.5B model still took about 250,000 page faults and
-/// 10-20% of its time; with it, none after load. (One arena for every thread
+/// 8-19% of its time; with it, none after load. (One arena for every thread
 /// does the same for prompts but slowed decode by 8%: `_int_malloc` searching
 /// the single arena's bins.) Call once, at start-up.
 pub fn keep_freed_memory() {
