@@ -182,6 +182,14 @@ pub struct SummarizeArgs {
     /// since its rows already share each read of the weights.
     #[arg(long, env = "PALAVER_DECODE_ROWS", default_value_t = BatchPolicy::default().decode_rows)]
     pub decode_rows: usize,
+
+    /// Tokens of a thread's previous summary checked, as a guess, in the same
+    /// pass as the end of its grown prompt. Re-summarising mostly rewrites
+    /// the same opening, which this gets at a wide pass's cost per token;
+    /// where the new message changes the opening, the guessed rows are
+    /// wasted compute (0 turns it off).
+    #[arg(long, env = "PALAVER_PREFILL_DRAFT", default_value_t = BatchPolicy::default().prefill_draft)]
+    pub prefill_draft: usize,
 }
 
 impl SummarizeArgs {
@@ -195,6 +203,7 @@ impl SummarizeArgs {
                 decode_share: self.decode_share,
                 max_draft: self.max_draft,
                 decode_rows: self.decode_rows,
+                prefill_draft: self.prefill_draft,
                 ..BatchPolicy::default()
             },
         }

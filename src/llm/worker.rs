@@ -313,7 +313,7 @@ fn run_pass(llm: &mut Llm, batch: &mut [Member], pass: Pass, policy: &BatchPolic
     match pass {
         Pass::Prompt { member, tokens } => {
             let m = &mut batch[member];
-            let piece = llm.read_prompt(&mut m.seq, tokens)?;
+            let piece = llm.read_prompt(&mut m.seq, tokens, policy.prefill_draft)?;
             m.emit(piece);
         }
         Pass::Decode => {

@@ -171,10 +171,12 @@ fn a_grown_conversation_reuses_its_prompt_and_answers_as_a_cold_run() {
     assert_eq!(g3.reused_prompt_tokens, common);
     assert_eq!(g3.text, cold.generate(&other, None, &params, |_| true).unwrap().text);
     // The same thread again: its previous answer drafts this one, and the
-    // answer is the same.
+    // answer is the same. Checked in the pass that reads the prompt's end
+    // (`prefill_draft`), the whole answer came with that pass: at most its
+    // last token (the budget's) was a choice of its own.
     let g4 = warm.generate(&p2, Some("t-1"), &params, |_| true).unwrap();
     assert_eq!(g4.text, c2.text);
-    assert!(g4.drafted_tokens * 2 > g4.generated_tokens, "{} of {} tokens drafted", g4.drafted_tokens, g4.generated_tokens);
+    assert!(g4.drafted_tokens + 1 >= g4.generated_tokens, "{} of {} tokens drafted", g4.drafted_tokens, g4.generated_tokens);
 }
 
 /// Greedy decoding through `start`, `read_prompt` and `decode`, checking up
@@ -187,7 +189,7 @@ fn decode_with_drafts(llm: &mut Llm, p: &[u32], draft: usize, max_new_tokens: us
     let mut passes = 0;
     while !s.is_done() {
         let piece = if s.prompt_left() > 0 {
-            llm.read_prompt(&mut s, 512).unwrap()
+            llm.read_prompt(&mut s, 512, 0).unwrap()
         } else {
             passes += 1;
             llm.decode(&mut [&mut s], draft).unwrap().pop().flatten()
