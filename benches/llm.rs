@@ -9,7 +9,7 @@
 //!   STOCK=0 cargo bench --bench llm               # palaver only
 //!   CHUNK=1024 cargo bench --bench llm            # prompt chunk (default: the service's)
 //!   DECODE_ONLY=200 [CONTEXT=1024] cargo bench --bench llm   # decode steps only (profiling)
-//!   PASS_ROWS=all cargo bench --bench llm         # cost of a pass by its rows (drafts)
+//!   PASS_ROWS=all [CONTEXT=512] cargo bench --bench llm   # cost of a pass by its rows (drafts)
 //!   PASS_ROWS=8 REPS=200 cargo bench --bench llm  # one row count, many passes (profiling)
 //!   DECODE_RATIO=8 cargo bench --bench llm        # after-1,024 / short generation, alternated
 //!   BATCH=1,2,4,8 [CONTEXT=1024] cargo bench --bench llm   # sequences decoded together: aggregate tok/s
@@ -137,7 +137,7 @@ fn main() {
         models::fetch_models(&[name], &FetchOptions::new(dir.clone())).expect("fetch");
         let files = models::resolve_llm(name, &dir, &HubOptions::default()).expect("resolve");
         let llm = Llm::load(&files, &Device::Cpu, 0).unwrap();
-        let tokens = llm.tokenizer().encode(text.as_str(), false).unwrap().get_ids()[..1100].to_vec();
+        let tokens = llm.tokenizer().encode(text.as_str(), false).unwrap().get_ids()[..2048].to_vec();
         if let Ok(list) = std::env::var("BATCH") {
             // Continuous batching's decode gain: b sequences, each after its
             // own CONTEXT-token cache (copies of one prompt's, each then fed
@@ -174,19 +174,20 @@ fn main() {
         }
         if let Ok(list) = std::env::var("PASS_ROWS") {
             // Cost of a decode pass that checks drafted tokens (or steps
-            // several sequences): r rows at once after a 512-token context,
-            // against one row.
+            // several sequences): r rows at once after a CONTEXT-token
+            // (default 512) context, against one row.
             let list = if list == "all" { "1,2,3,4,5,7,9,13,17".to_string() } else { list };
             let reps: usize = std::env::var("REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(16);
+            let ctx: usize = std::env::var("CONTEXT").ok().and_then(|s| s.parse().ok()).unwrap_or(512);
             let m = llm.transformer();
             let mut cache = m.new_cache();
-            m.forward(&tokens[..512], &mut cache).unwrap();
+            m.forward(&tokens[..ctx], &mut cache).unwrap();
             let mut one = None;
             for r in list.split(',').map(|r| r.trim().parse::<usize>().expect("PASS_ROWS: row counts or all")) {
                 let t = Instant::now();
                 for i in 0..reps {
-                    m.forward(&tokens[512 + i % 64..512 + i % 64 + r], &mut cache).unwrap();
-                    cache.truncate(512);
+                    m.forward(&tokens[ctx + i % 64..ctx + i % 64 + r], &mut cache).unwrap();
+                    cache.truncate(ctx);
                 }
                 let ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
                 if r == 1 {

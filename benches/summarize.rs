@@ -61,7 +61,8 @@ async fn resummarise(s: &Summarizer, input: &SummarizeInput, runs: usize, cold_l
     );
 }
 
-/// The default policy, with `PALAVER_MAX_DRAFT` and `PALAVER_PROMPT_CHUNK` if set.
+/// The default policy, with `PALAVER_MAX_DRAFT`, `PALAVER_DECODE_ROWS`,
+/// `PALAVER_PREFILL_DRAFT` and `PALAVER_PROMPT_CHUNK` if set.
 fn batch_policy() -> palaver::llm::batching::BatchPolicy {
     let mut p = palaver::llm::batching::BatchPolicy::default();
     if let Some(n) = std::env::var("PALAVER_PROMPT_CHUNK").ok().and_then(|s| s.parse().ok()) {
@@ -69,6 +70,9 @@ fn batch_policy() -> palaver::llm::batching::BatchPolicy {
     }
     if let Some(n) = std::env::var("PALAVER_MAX_DRAFT").ok().and_then(|s| s.parse().ok()) {
         p.max_draft = n;
+    }
+    if let Some(n) = std::env::var("PALAVER_DECODE_ROWS").ok().and_then(|s| s.parse().ok()) {
+        p.decode_rows = n;
     }
     if let Some(n) = std::env::var("PALAVER_PREFILL_DRAFT").ok().and_then(|s| s.parse().ok()) {
         p.prefill_draft = n;
