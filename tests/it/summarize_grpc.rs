@@ -302,6 +302,10 @@ async fn same_thread_gives_the_same_summary() {
     // may reuse too: a regenerated answer shares its first attempt's prefix.)
     if palaver::llm::prompt_rows_exact(&candle_core::Device::Cpu) {
         assert!(tb.reused_prompt_tokens > 0 && tb.reused_prompt_tokens < tb.prompt_tokens, "{tb:?}");
+        // The first answer, kept for the thread, was checked as a draft with
+        // the prompt's last token (`--prefill-draft`, 64 tokens by default):
+        // all of its opening came with that one pass.
+        assert!(tb.drafted_tokens >= tb.generated_tokens.min(64), "{tb:?}");
     }
 }
 
