@@ -51,8 +51,8 @@ pub struct BatchPolicy {
     /// Tokens of a conversation's previous answer checked as a draft in the
     /// pass that reads the prompt's last chunk (0: none). A grown thread's
     /// note mostly opens as before, and a row of that wide pass costs about
-    /// half a drafted row of a narrow decode pass; a guess that is wrong
-    /// from its start costs the rows, about 6 ms each for the 1.5B on 2 cores.
+    /// 0.6x a row of a 5-row decode pass; a guess that is wrong from its
+    /// start costs the rows, about 7 ms each for the 1.5B on 2 cores.
     pub prefill_draft: usize,
 }
 

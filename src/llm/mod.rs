@@ -225,9 +225,10 @@ impl Llm {
     /// The pass that reads the prompt's last chunk also checks the opening
     /// of the conversation's previous answer, up to `draft` tokens, as a
     /// draft: re-summarising a grown thread mostly rewrites the same first
-    /// lines, and here they cost a row of a wide pass each (about 6 ms for
-    /// the 1.5B on 2 cores) instead of a share of a narrow decode pass
-    /// (about 10). The answer is the same as without (`keep_checked`).
+    /// lines, and here they cost a row of a wide pass each (about 7 ms for
+    /// the 1.5B on 2 cores after 1,200 tokens) instead of a share of a
+    /// 5-row decode pass (about 12). The answer is the same as without
+    /// (`keep_checked`).
     pub fn read_prompt(&mut self, s: &mut Sequence, n: usize, draft: usize) -> Result<Option<String>, LlmError> {
         let end = s.prompt.len().min(s.read + n.max(1));
         let guess = if end == s.prompt.len() && s.out.is_empty() {
