@@ -81,13 +81,46 @@ pub fn parse(text: &str) -> Note {
         .map(|s| s.trim().trim_start_matches(['-', '*', '•', ' ']).trim().to_string())
         .filter(|s| !empty_marker(s))
         .collect();
-    Note {
+    drop_repeats(Note {
         summary: oneline(get(SUMMARY)),
         customer_issue: oneline(get(ISSUE)),
         actions_taken: if empty_marker(&actions) { String::new() } else { oneline(actions) },
         status: parse_status(&get(STATUS)),
         next_steps,
+    })
+}
+
+/// Letters and digits only, lower-cased: "Order 1 paid." and "order 1 paid"
+/// are the same text.
+fn normalized(s: &str) -> String {
+    s.chars().filter(|c| c.is_alphanumeric()).flat_map(char::to_lowercase).collect()
+}
+
+/// When a small model runs out of things to say it copies one field into the
+/// next (the 1.5B does on some Hindi threads: summary, issue, actions and
+/// next step the same sentence). A copied line in ACTIONS or NEXT states
+/// the customer's words as something the company did or will do, so a field
+/// that repeats an earlier one is left empty; the issue may restate the
+/// summary and is kept.
+fn drop_repeats(mut n: Note) -> Note {
+    let mut seen: Vec<String> = [&n.summary, &n.customer_issue].iter().map(|s| normalized(s)).collect();
+    let repeats = |seen: &[String], s: &str| {
+        let t = normalized(s);
+        !t.is_empty() && seen.contains(&t)
+    };
+    if repeats(&seen, &n.actions_taken) {
+        n.actions_taken.clear();
     }
+    seen.push(normalized(&n.actions_taken));
+    let mut steps = Vec::with_capacity(n.next_steps.len());
+    for step in std::mem::take(&mut n.next_steps) {
+        if !repeats(&seen, &step) {
+            seen.push(normalized(&step));
+            steps.push(step);
+        }
+    }
+    n.next_steps = steps;
+    n
 }
 
 /// The summary is one to three sentences: later ones are dropped.
@@ -144,6 +177,20 @@ mod tests {
         let n = parse(" The customer wants a refund.\nThe agent agreed.");
         assert_eq!(n.summary, "The customer wants a refund. The agent agreed.");
         assert_eq!(n.status, Status::Unknown);
+    }
+
+    #[test]
+    fn a_field_that_copies_an_earlier_one_is_dropped() {
+        let same = "ग्राहक ने 3 दिन पहले ऑर्डर 55012 का भुगतान किया।";
+        let n = parse(&format!(" {same}\nISSUE: {same}\nACTIONS: {same}\nSTATUS: waiting_on_agent\nNEXT: {same}; Call the courier; call the courier."));
+        assert_eq!(n.summary, same);
+        assert_eq!(n.customer_issue, same, "the issue may restate the summary");
+        assert_eq!(n.actions_taken, "");
+        assert_eq!(n.next_steps, vec!["Call the courier"]);
+        // Different texts, however similar, all stay.
+        let n = parse(" Refund of order 7 asked.\nISSUE: Order 7 broken.\nACTIONS: Refund of order 7 approved.\nNEXT: Refund of order 7 sent");
+        assert_eq!(n.actions_taken, "Refund of order 7 approved.");
+        assert_eq!(n.next_steps, vec!["Refund of order 7 sent"]);
     }
 
     #[test]
