@@ -103,23 +103,20 @@ fn normalized(s: &str) -> String {
 /// that repeats an earlier one is left empty; the issue may restate the
 /// summary and is kept.
 fn drop_repeats(mut n: Note) -> Note {
-    let mut seen: Vec<String> = [&n.summary, &n.customer_issue].iter().map(|s| normalized(s)).collect();
-    let repeats = |seen: &[String], s: &str| {
+    let mut seen: Vec<String> = vec![normalized(&n.summary), normalized(&n.customer_issue)];
+    // True for a text seen before, which is then dropped; a new one is remembered.
+    let mut repeated = |s: &str| {
         let t = normalized(s);
-        !t.is_empty() && seen.contains(&t)
+        let again = !t.is_empty() && seen.contains(&t);
+        if !again {
+            seen.push(t);
+        }
+        again
     };
-    if repeats(&seen, &n.actions_taken) {
+    if repeated(&n.actions_taken) {
         n.actions_taken.clear();
     }
-    seen.push(normalized(&n.actions_taken));
-    let mut steps = Vec::with_capacity(n.next_steps.len());
-    for step in std::mem::take(&mut n.next_steps) {
-        if !repeats(&seen, &step) {
-            seen.push(normalized(&step));
-            steps.push(step);
-        }
-    }
-    n.next_steps = steps;
+    n.next_steps.retain(|step| !repeated(step));
     n
 }
 
