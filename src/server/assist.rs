@@ -3,6 +3,8 @@
 
 use crate::proto::v1 as pb;
 use crate::summarize::parse::Status as NoteStatus;
+use crate::summarize::faithful::FactKind;
+use crate::summarize::references::Reference;
 use crate::summarize::thread::{invalid, Message, Role, SummarizeInput, Thread};
 use super::classify::{classify_one, log_classified, to_classify_input, to_classify_response};
 use crate::intent::Intents;
@@ -131,7 +133,18 @@ pub fn to_response(s: Summary) -> pb::SummarizeResponse {
             passed_first_time: s.faithfulness.passed_first_time,
             attempts: t.attempts,
         }),
+        references: s.references.into_iter().map(reference).collect(),
     }
+}
+
+fn reference(r: Reference) -> pb::Reference {
+    let kind = match r.kind {
+        FactKind::Number => pb::reference::Kind::Number,
+        FactKind::Email => pb::reference::Kind::Email,
+        FactKind::Phone => pb::reference::Kind::Phone,
+        FactKind::Url => pb::reference::Kind::Url,
+    };
+    pb::Reference { text: r.text, kind: kind as i32, message_ids: r.message_ids, in_summary: r.in_summary }
 }
 
 type ClassifyStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ClassifyIntentResponse, Status>> + Send>>;

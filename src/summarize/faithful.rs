@@ -7,6 +7,7 @@
 //! A bare single digit ("1 order", "2 days") is not treated as a fact.
 
 use regex::Regex;
+use serde::Serialize;
 use std::collections::HashSet;
 use std::sync::LazyLock;
 
@@ -21,11 +22,24 @@ static SPACED: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\b\d{1,3}(?:[ \u{
 static TOKEN: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"#?[\p{L}\d]+(?:[.,:/\-][\p{L}\d]+)*").unwrap());
 static DIGIT_RUN: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\d+").unwrap());
 
+/// What a fact looks like; a frontend can link e-mails, phones and URLs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FactKind {
+    Url,
+    Email,
+    Phone,
+    /// An id, amount, date or other number.
+    Number,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Fact {
     /// As written in the output.
     pub raw: String,
-    key: String,
+    pub kind: FactKind,
+    /// The normalised form compared against the thread.
+    pub(crate) key: String,
 }
 
 fn trim_punct(s: &str) -> &str {
@@ -43,6 +57,18 @@ pub fn extract(text: &str) -> Vec<Fact> {
             let raw = trim_punct(m.as_str().trim());
             let has_letter = raw.chars().any(char::is_alphabetic);
             let digits: String = raw.chars().filter(char::is_ascii_digit).collect();
+            let kind = match i {
+                0 => FactKind::Url,
+                1 => FactKind::Email,
+                // Long digit runs are also tracking and card numbers: a phone
+                // is what has a "+" or separators and a phone's length.
+                2 if raw.starts_with('+')
+                    || ((9..=15).contains(&digits.len()) && raw.contains([' ', '-', '(', '.'])) =>
+                {
+                    FactKind::Phone
+                }
+                _ => FactKind::Number,
+            };
             let key = match i {
                 0 | 1 => raw.to_lowercase(),
                 _ if digits.is_empty() => continue,
@@ -51,7 +77,7 @@ pub fn extract(text: &str) -> Vec<Fact> {
                 _ if has_letter => raw.chars().filter(|c| c.is_alphanumeric()).flat_map(char::to_lowercase).collect(),
                 _ => digits,
             };
-            found.push((m.start(), m.end(), Fact { raw: raw.to_string(), key }));
+            found.push((m.start(), m.end(), Fact { raw: raw.to_string(), kind, key }));
         }
     }
     found.sort_by_key(|&(s, _, _)| s);
@@ -83,7 +109,12 @@ impl Support {
     }
 
     pub fn supports(&self, fact: &Fact) -> bool {
-        self.keys.contains(&fact.key) || self.keys.contains(fact.key.trim_start_matches('0'))
+        self.supports_key(&fact.key)
+    }
+
+    /// `key`: a `Fact`'s normalised form.
+    pub fn supports_key(&self, key: &str) -> bool {
+        self.keys.contains(key) || self.keys.contains(key.trim_start_matches('0'))
     }
 
     /// The facts of `text` that the thread does not support.

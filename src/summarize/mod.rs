@@ -6,6 +6,7 @@ pub mod faithful;
 pub mod language;
 pub mod parse;
 pub mod prompt;
+pub mod references;
 pub mod thread;
 
 use crate::llm::{GenerateParams, Generation, LlmError, LlmHandle};
@@ -140,6 +141,8 @@ pub struct Summary {
     pub language: Language,
     pub coverage: Coverage,
     pub faithfulness: Faithfulness,
+    /// Ids, amounts, contacts and links quoted in the thread, verbatim.
+    pub references: Vec<references::Reference>,
     pub model: String,
     pub timings: Timings,
     /// The raw model output of the final attempt.
@@ -166,6 +169,7 @@ struct Prepared {
     transcript: String,
     coverage: Coverage,
     support: faithful::Support,
+    references: Vec<references::Reference>,
     max_words: u32,
 }
 
@@ -241,6 +245,8 @@ impl Summarizer {
         };
         let mut note = remove_unsupported(note, &prepared.support, &mut faith.removed_facts);
         note.summary = parse::limit_words(&parse::limit_sentences(&note.summary, 3), prepared.max_words as usize);
+        let mut references = prepared.references;
+        references::mark_in_summary(&mut references, note_texts(&note));
         timings.total_ms = start.elapsed().as_secs_f64() * 1e3;
         Ok(Summary {
             thread_id: input.thread.id,
@@ -248,6 +254,7 @@ impl Summarizer {
             language: prepared.language,
             coverage: prepared.coverage,
             faithfulness: faith,
+            references,
             model: self.llm.id().to_string(),
             timings,
             raw,
@@ -276,6 +283,7 @@ impl Summarizer {
             transcript: prompt::transcript(msgs, &cut),
             coverage,
             support,
+            references: references::collect(msgs),
             max_words: input.max_words.unwrap_or(self.cfg.default_max_words),
         })
     }

@@ -79,6 +79,18 @@ fn assert_good_summary(req: &pb::SummarizeRequest, r: &pb::SummarizeResponse, la
     let support = faithful::Support::from_texts(thread_text.iter().copied());
     let invented: Vec<String> = support.unsupported(&note).into_iter().map(|f| f.raw).collect();
     assert!(invented.is_empty(), "invented {invented:?} in {note}");
+    // The thread's references are quoted verbatim with the messages that
+    // carry them; the order number is among them, marked as in the summary.
+    let msgs = &req.thread.as_ref().unwrap().messages;
+    for rf in &r.references {
+        let first = msgs.iter().find(|m| m.id == rf.message_ids[0]).expect("reference's message");
+        assert!(first.text.contains(&rf.text), "{rf:?} not in {first:?}");
+    }
+    let rf = r.references.iter().find(|rf| rf.text.contains(order)).unwrap_or_else(|| panic!("{order} not in {:?}", r.references));
+    let quoting: Vec<&str> = msgs.iter().filter(|m| m.text.contains(order)).map(|m| m.id.as_str()).collect();
+    assert_eq!(rf.message_ids, quoting);
+    assert_eq!(rf.kind, pb::reference::Kind::Number as i32);
+    assert!(rf.in_summary, "{rf:?}");
     let cov = r.coverage.as_ref().unwrap();
     assert_eq!(cov.used_message_ids.len(), thread_text.len());
     assert!(!cov.truncated);
@@ -172,6 +184,10 @@ async fn a_300_message_thread_is_cut_to_fit_and_still_summarised() {
     let cov = r.coverage.unwrap();
     assert!(cov.truncated);
     assert!(cov.used_message_ids.contains(&"m0".to_string()), "opening request kept");
+    // References come from the whole thread, in order, up to their cap.
+    assert_eq!(r.references.len(), 32);
+    assert_eq!((r.references[0].text.as_str(), r.references[0].message_ids.as_slice()), ("99120", &["m0".to_string()][..]));
+    assert_eq!((r.references[1].text.as_str(), r.references[1].message_ids.as_slice()), ("100", &["m100".to_string()][..]));
     assert!(cov.used_message_ids.contains(&"m299".to_string()), "latest turn kept");
     assert_eq!(cov.used_message_ids.len() + cov.omitted_message_ids.len(), 300);
     assert!(!r.summary.trim().is_empty());
