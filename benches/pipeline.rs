@@ -1,12 +1,12 @@
 //! The CPU work around the model, per request: fitting a 300-message thread
-//! into the budget, building the prompt, and the faithfulness check. These must
-//! stay negligible next to inference.
+//! into the budget, building the prompt, the faithfulness check and the
+//! thread's references. These must stay negligible next to inference.
 //!
 //!   cargo bench --bench pipeline
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use palaver::summarize::thread::{Message, Role};
-use palaver::summarize::{cut, faithful, parse, prompt};
+use palaver::summarize::{cut, faithful, parse, prompt, references};
 use std::hint::black_box;
 
 fn thread(n: usize) -> Vec<Message> {
@@ -38,6 +38,13 @@ fn bench(c: &mut Criterion) {
     });
     c.bench_function("faithfulness support from 300 messages", |b| {
         b.iter(|| faithful::Support::from_texts(black_box(&msgs).iter().map(|m| m.text.as_str())))
+    });
+    c.bench_function("references of 300 messages, marked against a note", |b| {
+        b.iter(|| {
+            let mut refs = references::collect(black_box(&msgs));
+            references::mark_in_summary(&mut refs, ["Cliente cobra o pedido BR-40017 de R$ 117,90."]);
+            refs
+        })
     });
     let support = faithful::Support::from_texts(msgs.iter().map(|m| m.text.as_str()));
     let out = " Cliente cobra o pedido BR-40017 de R$ 117,90; ligar +55 11 90017-1234.\nISSUE: Atraso\nACTIONS: -\nSTATUS: waiting_on_agent\nNEXT: Verificar; Responder";

@@ -42,7 +42,7 @@ pub fn collect(messages: &[Message]) -> Vec<Reference> {
     let mut out: Vec<Reference> = Vec::new();
     for m in messages {
         for f in faithful::extract(&m.text).into_iter().filter(is_reference) {
-            match out.iter().position(|r| r.key == f.key) {
+            match out.iter().position(|r| same(r, &f)) {
                 Some(i) => {
                     let r = &mut out[i];
                     if r.message_ids.last() != Some(&m.id) {
@@ -61,6 +61,18 @@ pub fn collect(messages: &[Message]) -> Vec<Reference> {
         }
     }
     out
+}
+
+/// Whether `f` quotes `r` again: the same normalised form, or an id quoted
+/// without its letters ("48213" for "BR-48213").
+fn same(r: &Reference, f: &Fact) -> bool {
+    let digits_of = |k: &str| k.chars().filter(char::is_ascii_digit).collect::<String>();
+    let all_digits = |k: &str| k.chars().all(|c| c.is_ascii_digit());
+    let (a, b) = (r.key.as_str(), f.key.as_str());
+    a == b
+        || (r.kind == FactKind::Number
+            && f.kind == FactKind::Number
+            && ((all_digits(a) && digits_of(b) == a) || (all_digits(b) && digits_of(a) == b)))
 }
 
 /// Marks the references that the note (the text of its fields) mentions.
@@ -86,6 +98,7 @@ mod tests {
             msg("m1", Role::Customer, "Pedido #BR-48213 de R$ 1.234,56 não chegou, já são 2 dias. Meu tel: +55 (11) 98765-4321"),
             msg("m2", Role::Agent, "Abri o protocolo 2024-7781 às 10:30. Rastreio: https://loja.com.br/r?id=48213"),
             msg("m3", Role::Customer, "ok, o pedido BR-48213 então. Escrevo para ana.souza@loja.com.br? Chega em 24h?"),
+            msg("m4", Role::Agent, "Isso, 48213."),
         ];
         let mut refs = collect(&thread);
         mark_in_summary(&mut refs, ["Pedido BR48213 atrasado; protocolo 2024-7781 aberto."]);
@@ -96,7 +109,7 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                ("#BR-48213", FactKind::Number, vec!["m1", "m3"], true),
+                ("#BR-48213", FactKind::Number, vec!["m1", "m3", "m4"], true),
                 ("1.234,56", FactKind::Number, vec!["m1"], false),
                 ("+55 (11) 98765-4321", FactKind::Phone, vec!["m1"], false),
                 ("2024-7781", FactKind::Number, vec!["m2"], true),
