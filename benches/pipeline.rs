@@ -32,7 +32,7 @@ fn bench(c: &mut Criterion) {
     let c300 = cut::fit(&msgs, 1536, &count);
     c.bench_function("transcript + prompt", |b| {
         b.iter(|| {
-            let t = prompt::transcript(black_box(&msgs), &c300);
+            let t = prompt::transcript(black_box(&msgs), &c300, "pt");
             prompt::build(&prompt::PromptSpec { language_name: "Portuguese", language_tag: "pt", max_words: 60, forbidden: &[] }, &t)
         })
     });

@@ -447,9 +447,9 @@ async fn eval_languages(data: PathBuf, model: ModelArgs, summarize: SummarizeArg
         bail!("model failed to load: {e}");
     }
     println!("model: {}", summarizer.llm().id());
-    println!("| thread | language | in language | complete | keeps `{{id}}` | first answer faithful | seconds |");
-    println!("|---|---|---|---|---|---|---|");
-    let mut totals = [0usize; 4];
+    println!("| thread | language | in language | complete | keeps `{{id}}` | `{{id}}` in references | first answer faithful | seconds |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut totals = [0usize; 5];
     let n = threads.len();
     for t in threads {
         let (id, lang, key) = (t.thread_id.clone(), t.expected_language.clone(), t.must_keep.clone());
@@ -457,16 +457,17 @@ async fn eval_languages(data: PathBuf, model: ModelArgs, summarize: SummarizeArg
         let s = summarizer.summarize(input, None).await?;
         let c = check_note(&s, &lang, &key);
         let yes = |b: bool| if b { "yes" } else { "NO" };
-        for (i, b) in [c.in_language, c.complete, c.kept, c.passed_first_time].into_iter().enumerate() {
-            totals[i] += usize::from(b);
+        let checks = [c.in_language, c.complete, c.kept, c.referenced, c.passed_first_time];
+        for (total, b) in totals.iter_mut().zip(checks) {
+            *total += usize::from(b);
         }
         println!(
-            "| {id} | {lang} | {} | {} | {} (`{key}`) | {} | {:.0} |",
-            yes(c.in_language), yes(c.complete), yes(c.kept), yes(c.passed_first_time), s.timings.total_ms / 1e3
+            "| {id} | {lang} | {} | {} | {} (`{key}`) | {} | {} | {:.0} |",
+            yes(c.in_language), yes(c.complete), yes(c.kept), yes(c.referenced), yes(c.passed_first_time), s.timings.total_ms / 1e3
         );
         eprintln!("{id}: {}", serde_json::to_string(&s.note)?);
     }
-    println!("| all | | {}/{n} | {}/{n} | {}/{n} | {}/{n} | |", totals[0], totals[1], totals[2], totals[3]);
+    println!("| all | | {}/{n} | {}/{n} | {}/{n} | {}/{n} | {}/{n} | |", totals[0], totals[1], totals[2], totals[3], totals[4]);
     Ok(())
 }
 

@@ -178,6 +178,8 @@ pub struct NoteCheck {
     pub in_language: bool,
     pub complete: bool,
     pub kept: bool,
+    /// The id is among the thread's references shown beside the note.
+    pub referenced: bool,
     pub passed_first_time: bool,
 }
 
@@ -191,6 +193,7 @@ pub fn check_note(s: &crate::summarize::Summary, expected_language: &str, must_k
             && crate::summarize::language::detect_text(&text).as_deref() == Some(expected_language),
         complete: !n.summary.is_empty() && !n.customer_issue.is_empty() && !n.next_steps.is_empty(),
         kept: text.contains(must_keep),
+        referenced: s.references.iter().any(|r| r.text.contains(must_keep)),
         passed_first_time: s.faithfulness.passed_first_time,
     }
 }

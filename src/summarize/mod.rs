@@ -279,8 +279,8 @@ impl Summarizer {
         };
         let support = faithful::Support::from_texts(msgs.iter().map(|m| m.text.as_str()));
         Ok(Prepared {
+            transcript: prompt::transcript(msgs, &cut, &language.tag),
             language,
-            transcript: prompt::transcript(msgs, &cut),
             coverage,
             support,
             references: references::collect(msgs),

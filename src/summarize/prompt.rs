@@ -4,7 +4,7 @@
 //! Qwen2.5 from drifting into English on Russian or Spanish threads.
 
 use super::cut::Cut;
-use super::thread::Message;
+use super::thread::{Message, Role};
 use crate::llm::chatml;
 
 /// The field labels the model writes and the parser reads.
@@ -26,8 +26,9 @@ pub struct PromptSpec<'a> {
     pub forbidden: &'a [String],
 }
 
-/// "Customer: ..." lines in thread order with markers where turns were left out.
-pub fn transcript(messages: &[Message], cut: &Cut) -> String {
+/// "Customer: ..." lines in thread order, the speakers named in the note's
+/// language (`tag`), with markers where turns were left out.
+pub fn transcript(messages: &[Message], cut: &Cut, tag: &str) -> String {
     let mut out = String::new();
     let mut next = 0usize;
     for k in &cut.kept {
@@ -35,7 +36,7 @@ pub fn transcript(messages: &[Message], cut: &Cut) -> String {
             out.push_str(&format!("[... {} messages omitted ...]\n", k.index - next));
         }
         let text = k.text.split_whitespace().collect::<Vec<_>>().join(" ");
-        out.push_str(&format!("{}: {}\n", messages[k.index].role.label(), text));
+        out.push_str(&format!("{}: {}\n", role_label(messages[k.index].role, tag), text));
         next = k.index + 1;
     }
     if next < messages.len() {
@@ -88,37 +89,53 @@ pub fn user(spec: &PromptSpec, transcript: &str) -> String {
     s
 }
 
-/// "The customer" in the answer's language. Starting the answer with it
-/// anchors the language: told "Russian", the 1.5B model otherwise slips into
-/// Ukrainian on some Russian threads (and into English on Spanish ones).
-fn customer_word(tag: &str) -> Option<&'static str> {
+/// Words in a language: how the note starts, and the transcript's speaker
+/// labels.
+struct Words {
+    /// "The customer". Starting the answer with it anchors the language:
+    /// told "Russian", the 1.5B model otherwise slips into Ukrainian on some
+    /// Russian threads (and into English on Spanish ones).
+    note_start: &'static str,
+    /// Speaker labels, in `Role` order. With English labels the model copies
+    /// "Agent" into Portuguese and Ukrainian notes.
+    roles: [&'static str; 4],
+}
+
+fn words(tag: &str) -> Option<Words> {
     let primary = tag.split('-').next().unwrap_or(tag);
-    Some(match primary {
-        "en" => "The customer",
-        "pt" => "O cliente",
-        "es" => "El cliente",
-        "ru" => "Клиент",
-        "uk" => "Клієнт",
-        "hi" => "ग्राहक",
-        "fr" => "Le client",
-        "de" => "Der Kunde",
-        "it" => "Il cliente",
-        "pl" => "Klient",
-        "tr" => "Müşteri",
-        "ro" => "Clientul",
-        "nl" => "De klant",
-        "cs" => "Zákazník",
-        "id" => "Pelanggan",
-        "vi" => "Khách hàng",
-        _ => return None,
-    })
+    let w = |note_start, roles| Some(Words { note_start, roles });
+    match primary {
+        "en" => w("The customer", ["Customer", "Agent", "Bot", "System"]),
+        "pt" => w("O cliente", ["Cliente", "Atendente", "Bot", "Sistema"]),
+        "es" => w("El cliente", ["Cliente", "Agente", "Bot", "Sistema"]),
+        "ru" => w("Клиент", ["Клиент", "Оператор", "Бот", "Система"]),
+        "uk" => w("Клієнт", ["Клієнт", "Оператор", "Бот", "Система"]),
+        "hi" => w("ग्राहक", ["ग्राहक", "एजेंट", "बॉट", "सिस्टम"]),
+        "fr" => w("Le client", ["Client", "Conseiller", "Bot", "Système"]),
+        "de" => w("Der Kunde", ["Kunde", "Mitarbeiter", "Bot", "System"]),
+        "it" => w("Il cliente", ["Cliente", "Operatore", "Bot", "Sistema"]),
+        "pl" => w("Klient", ["Klient", "Konsultant", "Bot", "System"]),
+        "tr" => w("Müşteri", ["Müşteri", "Temsilci", "Bot", "Sistem"]),
+        "ro" => w("Clientul", ["Client", "Operator", "Bot", "Sistem"]),
+        "nl" => w("De klant", ["Klant", "Medewerker", "Bot", "Systeem"]),
+        "cs" => w("Zákazník", ["Zákazník", "Operátor", "Bot", "Systém"]),
+        "id" => w("Pelanggan", ["Pelanggan", "Agen", "Bot", "Sistem"]),
+        "vi" => w("Khách hàng", ["Khách hàng", "Nhân viên", "Bot", "Hệ thống"]),
+        _ => None,
+    }
+}
+
+/// A speaker's label in the transcript: in the note's language where known.
+fn role_label(role: Role, tag: &str) -> &'static str {
+    let i = [Role::Customer, Role::Agent, Role::Bot, Role::System].iter().position(|r| *r == role).unwrap_or(0);
+    words(tag).map_or_else(|| role.label(), |w| w.roles[i])
 }
 
 /// The full ChatML prompt and the text the answer is forced to start with
 /// (after the first label): the label commits the model to the format, the
 /// first words to the language.
 pub fn build(spec: &PromptSpec, transcript: &str) -> (String, String) {
-    let start = customer_word(spec.language_tag).map(|w| format!(" {w}")).unwrap_or_default();
+    let start = words(spec.language_tag).map(|w| format!(" {}", w.note_start)).unwrap_or_default();
     let prompt = chatml(&system(spec), &user(spec, transcript), &format!("{SUMMARY}:{start}"));
     (prompt, start)
 }
@@ -127,7 +144,6 @@ pub fn build(spec: &PromptSpec, transcript: &str) -> (String, String) {
 mod tests {
     use super::*;
     use crate::summarize::cut::Kept;
-    use crate::summarize::thread::Role;
 
     fn m(role: Role, text: &str) -> Message {
         Message { id: String::new(), role, sent_at: None, text: text.into(), channel: String::new() }
@@ -148,9 +164,14 @@ mod tests {
         let kept = |i: usize| Kept { index: i, text: msgs[i].text.clone(), shortened: false };
         let cut = Cut { kept: vec![kept(0), kept(3)], omitted: vec![1, 2, 4], tokens: 0 };
         assert_eq!(
-            transcript(&msgs, &cut),
+            transcript(&msgs, &cut, "en-US"),
             "Customer: a\n[... 2 messages omitted ...]\nCustomer: d e\n[... 1 messages omitted ...]\n"
         );
+        // Speakers are named in the note's language; unknown languages keep English.
+        let all = Cut { kept: (0..5).map(kept).collect(), omitted: vec![], tokens: 0 };
+        assert_eq!(transcript(&msgs, &all, "pt"), "Cliente: a\nAtendente: b\nBot: c\nCliente: d e\nAtendente: f\n");
+        assert!(transcript(&msgs, &all, "ru").starts_with("Клиент: a\nОператор: b\nБот: c\n"));
+        assert!(transcript(&msgs, &all, "sw").starts_with("Customer: a\nAgent: b\nBot: c\n"));
     }
 
     #[test]
