@@ -18,7 +18,7 @@ pub struct ThreadJson {
     pub messages: Vec<MessageJson>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MessageJson {
     #[serde(default)]

@@ -447,27 +447,39 @@ async fn eval_languages(data: PathBuf, model: ModelArgs, summarize: SummarizeArg
         bail!("model failed to load: {e}");
     }
     println!("model: {}", summarizer.llm().id());
-    println!("| thread | language | in language | complete | keeps `{{id}}` | `{{id}}` in references | first answer faithful | seconds |");
-    println!("|---|---|---|---|---|---|---|---|");
-    let mut totals = [0usize; 5];
+    println!("| thread | language | in language | complete | keeps `{{id}}` | `{{id}}` in references | status (expected) | first answer faithful | seconds |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut totals = [0usize; 6];
     let n = threads.len();
     for t in threads {
-        let (id, lang, key) = (t.thread_id.clone(), t.expected_language.clone(), t.must_keep.clone());
         let input = server::to_input(t.request().map_err(anyhow::Error::msg)?)?;
         let s = summarizer.summarize(input, None).await?;
-        let c = check_note(&s, &lang, &key);
+        let c = check_note(&s, &t);
         let yes = |b: bool| if b { "yes" } else { "NO" };
-        let checks = [c.in_language, c.complete, c.kept, c.referenced, c.passed_first_time];
+        let checks = [c.in_language, c.complete, c.kept, c.referenced, c.status_right, c.passed_first_time];
         for (total, b) in totals.iter_mut().zip(checks) {
             *total += usize::from(b);
         }
+        let status = serde_json::to_value(s.note.status)?;
         println!(
-            "| {id} | {lang} | {} | {} | {} (`{key}`) | {} | {} | {:.0} |",
-            yes(c.in_language), yes(c.complete), yes(c.kept), yes(c.referenced), yes(c.passed_first_time), s.timings.total_ms / 1e3
+            "| {} | {} | {} | {} | {} (`{}`) | {} | {} {} ({}) | {} | {:.0} |",
+            t.thread_id,
+            t.expected_language,
+            yes(c.in_language),
+            yes(c.complete),
+            yes(c.kept),
+            t.must_keep,
+            yes(c.referenced),
+            yes(c.status_right),
+            status.as_str().unwrap_or_default(),
+            t.expected_status,
+            yes(c.passed_first_time),
+            s.timings.total_ms / 1e3
         );
-        eprintln!("{id}: {}", serde_json::to_string(&s.note)?);
+        eprintln!("{}: {}", t.thread_id, serde_json::to_string(&s.note)?);
     }
-    println!("| all | | {}/{n} | {}/{n} | {}/{n} | {}/{n} | {}/{n} | |", totals[0], totals[1], totals[2], totals[3], totals[4]);
+    let all: Vec<String> = totals.iter().map(|t| format!("{t}/{n}")).collect();
+    println!("| all | | {} | {} | {} | {} | {} | {} | |", all[0], all[1], all[2], all[3], all[4], all[5]);
     Ok(())
 }
 

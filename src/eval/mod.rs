@@ -155,20 +155,22 @@ mod tests {
 }
 
 /// A thread of `tests/data/multilingual_threads.jsonl`: support chats written by
-/// the palaver team, each with the language its note must be in and one id or
-/// amount the note must keep.
+/// the palaver team, each with the language its note must be in, one id or
+/// amount the note must keep, and the status the team reads in it.
 #[derive(Debug, Deserialize)]
 pub struct LabelledThread {
     pub thread_id: String,
     pub expected_language: String,
     pub must_keep: String,
+    /// `waiting_on_agent`, `waiting_on_customer` or `resolved`.
+    pub expected_status: String,
     pub messages: Vec<crate::cli::MessageJson>,
 }
 
 impl LabelledThread {
-    pub fn request(self) -> Result<crate::proto::v1::SummarizeRequest, String> {
-        crate::cli::ThreadJson { thread_id: self.thread_id, language: String::new(), max_words: 0, messages: self.messages }
-            .into_request()
+    pub fn request(&self) -> Result<crate::proto::v1::SummarizeRequest, String> {
+        let (thread_id, messages) = (self.thread_id.clone(), self.messages.clone());
+        crate::cli::ThreadJson { thread_id, language: String::new(), max_words: 0, messages }.into_request()
     }
 }
 
@@ -180,10 +182,12 @@ pub struct NoteCheck {
     pub kept: bool,
     /// The id is among the thread's references shown beside the note.
     pub referenced: bool,
+    pub status_right: bool,
     pub passed_first_time: bool,
 }
 
-pub fn check_note(s: &crate::summarize::Summary, expected_language: &str, must_keep: &str) -> NoteCheck {
+pub fn check_note(s: &crate::summarize::Summary, t: &LabelledThread) -> NoteCheck {
+    let (expected_language, must_keep) = (t.expected_language.as_str(), t.must_keep.as_str());
     let n = &s.note;
     let mut text = vec![n.summary.clone(), n.customer_issue.clone(), n.actions_taken.clone()];
     text.extend(n.next_steps.iter().cloned());
@@ -194,6 +198,7 @@ pub fn check_note(s: &crate::summarize::Summary, expected_language: &str, must_k
         complete: !n.summary.is_empty() && !n.customer_issue.is_empty() && !n.next_steps.is_empty(),
         kept: text.contains(must_keep),
         referenced: s.references.iter().any(|r| r.text.contains(must_keep)),
+        status_right: serde_json::to_value(n.status).ok().and_then(|v| v.as_str().map(|v| v == t.expected_status)) == Some(true),
         passed_first_time: s.faithfulness.passed_first_time,
     }
 }
