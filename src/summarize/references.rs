@@ -66,13 +66,11 @@ pub fn collect(messages: &[Message]) -> Vec<Reference> {
 /// Whether `f` quotes `r` again: the same normalised form, or an id quoted
 /// without its letters ("48213" for "BR-48213").
 fn same(r: &Reference, f: &Fact) -> bool {
-    let digits_of = |k: &str| k.chars().filter(char::is_ascii_digit).collect::<String>();
-    let all_digits = |k: &str| k.chars().all(|c| c.is_ascii_digit());
+    let all_digits = |k: &str| k.bytes().all(|c| c.is_ascii_digit());
+    // `digits` equals the digits of `id`, without building either string.
+    let stripped = |digits: &str, id: &str| all_digits(digits) && id.chars().filter(char::is_ascii_digit).eq(digits.chars());
     let (a, b) = (r.key.as_str(), f.key.as_str());
-    a == b
-        || (r.kind == FactKind::Number
-            && f.kind == FactKind::Number
-            && ((all_digits(a) && digits_of(b) == a) || (all_digits(b) && digits_of(a) == b)))
+    a == b || (r.kind == FactKind::Number && f.kind == FactKind::Number && (stripped(a, b) || stripped(b, a)))
 }
 
 /// Marks the references that the note (the text of its fields) mentions.
