@@ -46,6 +46,13 @@ fn bench(c: &mut Criterion) {
             refs
         })
     });
+    // What a request does: one extraction for both.
+    c.bench_function("support + references from one extraction of 300 messages", |b| {
+        b.iter(|| {
+            let facts: Vec<Vec<faithful::Fact>> = black_box(&msgs).iter().map(|m| faithful::extract(&m.text)).collect();
+            (faithful::Support::from_facts(facts.iter().flatten()), references::from_facts(&msgs, &facts))
+        })
+    });
     let support = faithful::Support::from_texts(msgs.iter().map(|m| m.text.as_str()));
     let out = " Cliente cobra o pedido BR-40017 de R$ 117,90; ligar +55 11 90017-1234.\nISSUE: Atraso\nACTIONS: -\nSTATUS: waiting_on_agent\nNEXT: Verificar; Responder";
     c.bench_function("parse + check an answer", |b| {

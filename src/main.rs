@@ -460,7 +460,6 @@ async fn eval_languages(data: PathBuf, model: ModelArgs, summarize: SummarizeArg
         for (total, b) in totals.iter_mut().zip(checks) {
             *total += usize::from(b);
         }
-        let status = serde_json::to_value(s.note.status)?;
         println!(
             "| {} | {} | {} | {} | {} (`{}`) | {} | {} {} ({}) | {} | {:.0} |",
             t.thread_id,
@@ -471,7 +470,7 @@ async fn eval_languages(data: PathBuf, model: ModelArgs, summarize: SummarizeArg
             t.must_keep,
             yes(c.referenced),
             yes(c.status_right),
-            status.as_str().unwrap_or_default(),
+            c.status,
             t.expected_status,
             yes(c.passed_first_time),
             s.timings.total_ms / 1e3

@@ -182,6 +182,8 @@ pub struct NoteCheck {
     pub kept: bool,
     /// The id is among the thread's references shown beside the note.
     pub referenced: bool,
+    /// The note's status as the prompt names it (`waiting_on_agent`...).
+    pub status: String,
     pub status_right: bool,
     pub passed_first_time: bool,
 }
@@ -189,6 +191,7 @@ pub struct NoteCheck {
 pub fn check_note(s: &crate::summarize::Summary, t: &LabelledThread) -> NoteCheck {
     let (expected_language, must_keep) = (t.expected_language.as_str(), t.must_keep.as_str());
     let n = &s.note;
+    let status = serde_json::to_value(n.status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
     let mut text = vec![n.summary.clone(), n.customer_issue.clone(), n.actions_taken.clone()];
     text.extend(n.next_steps.iter().cloned());
     let text = text.join("\n");
@@ -198,7 +201,8 @@ pub fn check_note(s: &crate::summarize::Summary, t: &LabelledThread) -> NoteChec
         complete: !n.summary.is_empty() && !n.customer_issue.is_empty() && !n.next_steps.is_empty(),
         kept: text.contains(must_keep),
         referenced: s.references.iter().any(|r| r.text.contains(must_keep)),
-        status_right: serde_json::to_value(n.status).ok().and_then(|v| v.as_str().map(|v| v == t.expected_status)) == Some(true),
+        status_right: status == t.expected_status,
+        status,
         passed_first_time: s.faithfulness.passed_first_time,
     }
 }

@@ -92,18 +92,21 @@ pub struct Support {
 
 impl Support {
     pub fn from_texts<'a>(texts: impl IntoIterator<Item = &'a str>) -> Self {
+        Self::from_facts(texts.into_iter().flat_map(extract).collect::<Vec<_>>().iter())
+    }
+
+    /// As [`from_texts`](Self::from_texts), from facts already extracted.
+    pub fn from_facts<'a>(facts: impl IntoIterator<Item = &'a Fact>) -> Self {
         let mut keys = HashSet::new();
-        for text in texts {
-            for f in extract(text) {
-                for run in DIGIT_RUN.find_iter(&f.raw) {
-                    keys.insert(run.as_str().to_string());
-                    keys.insert(run.as_str().trim_start_matches('0').to_string());
-                }
-                // An id quoted without its letters ("48213" for "BR-48213") is supported.
-                let digits: String = f.raw.chars().filter(char::is_ascii_digit).collect();
-                keys.insert(digits);
-                keys.insert(f.key);
+        for f in facts {
+            for run in DIGIT_RUN.find_iter(&f.raw) {
+                keys.insert(run.as_str().to_string());
+                keys.insert(run.as_str().trim_start_matches('0').to_string());
             }
+            // An id quoted without its letters ("48213" for "BR-48213") is supported.
+            let digits: String = f.raw.chars().filter(char::is_ascii_digit).collect();
+            keys.insert(digits);
+            keys.insert(f.key.clone());
         }
         Self { keys }
     }

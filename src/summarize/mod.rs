@@ -277,13 +277,15 @@ impl Summarizer {
             shortened_message_ids: ids(&mut cut.kept.iter().filter(|k| k.shortened).map(|k| k.index)),
             truncated: cut.truncated(),
         };
-        let support = faithful::Support::from_texts(msgs.iter().map(|m| m.text.as_str()));
+        // One extraction serves the faithfulness check and the references.
+        let facts: Vec<Vec<faithful::Fact>> = msgs.iter().map(|m| faithful::extract(&m.text)).collect();
+        let support = faithful::Support::from_facts(facts.iter().flatten());
         Ok(Prepared {
             transcript: prompt::transcript(msgs, &cut, &language.tag),
             language,
             coverage,
             support,
-            references: references::collect(msgs),
+            references: references::from_facts(msgs, &facts),
             max_words: input.max_words.unwrap_or(self.cfg.default_max_words),
         })
     }

@@ -96,7 +96,7 @@ struct Words {
     /// told "Russian", the 1.5B model otherwise slips into Ukrainian on some
     /// Russian threads (and into English on Spanish ones).
     note_start: &'static str,
-    /// Speaker labels, in `Role` order. With English labels the model copies
+    /// Speaker labels, in `Role`'s declaration order. With English labels the model copies
     /// "Agent" into Portuguese and Ukrainian notes.
     roles: [&'static str; 4],
 }
@@ -127,8 +127,7 @@ fn words(tag: &str) -> Option<Words> {
 
 /// A speaker's label in the transcript: in the note's language where known.
 fn role_label(role: Role, tag: &str) -> &'static str {
-    let i = [Role::Customer, Role::Agent, Role::Bot, Role::System].iter().position(|r| *r == role).unwrap_or(0);
-    words(tag).map_or_else(|| role.label(), |w| w.roles[i])
+    words(tag).map_or_else(|| role.label(), |w| w.roles[role as usize])
 }
 
 /// The full ChatML prompt and the text the answer is forced to start with

@@ -39,10 +39,17 @@ fn is_reference(f: &Fact) -> bool {
 
 /// The thread's references in order of first mention, `in_summary` not yet set.
 pub fn collect(messages: &[Message]) -> Vec<Reference> {
+    let facts: Vec<Vec<Fact>> = messages.iter().map(|m| faithful::extract(&m.text)).collect();
+    from_facts(messages, &facts)
+}
+
+/// As [`collect`], from each message's facts (`faithful::extract`) already
+/// extracted for the faithfulness check.
+pub fn from_facts(messages: &[Message], facts: &[Vec<Fact>]) -> Vec<Reference> {
     let mut out: Vec<Reference> = Vec::new();
-    for m in messages {
-        for f in faithful::extract(&m.text).into_iter().filter(is_reference) {
-            match out.iter().position(|r| same(r, &f)) {
+    for (m, facts) in messages.iter().zip(facts) {
+        for f in facts.iter().filter(|f| is_reference(f)) {
+            match out.iter().position(|r| same(r, f)) {
                 Some(i) => {
                     let r = &mut out[i];
                     if r.message_ids.last() != Some(&m.id) {
@@ -50,11 +57,11 @@ pub fn collect(messages: &[Message]) -> Vec<Reference> {
                     }
                 }
                 None if out.len() < MAX_REFERENCES => out.push(Reference {
-                    text: f.raw,
+                    text: f.raw.clone(),
                     kind: f.kind,
                     message_ids: vec![m.id.clone()],
                     in_summary: false,
-                    key: f.key,
+                    key: f.key.clone(),
                 }),
                 None => {}
             }
