@@ -240,6 +240,12 @@ pub struct ServeArgs {
     #[arg(long, env = "PALAVER_MAX_REQUEST_BYTES", default_value_t = 4 << 20)]
     pub max_request_bytes: usize,
 
+    /// Where Prometheus scrapes `GET /metrics` (plain HTTP, no authentication:
+    /// keep it on localhost or a private interface), or `off`. The metrics cost
+    /// a few atomic adds per request.
+    #[arg(long, env = "PALAVER_METRICS_ADDR", default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr)]
+    pub metrics_addr: MetricsAddr,
+
     #[command(flatten)]
     pub model: ModelArgs,
 
@@ -260,6 +266,17 @@ pub struct ServeArgs {
     /// only scores contacts needs no model memory.
     #[arg(long, env = "PALAVER_SERVICES", value_delimiter = ',', default_value = "assist,engagement")]
     pub services: Vec<Service>,
+}
+
+/// `--metrics-addr`: an address, or none for `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<SocketAddr>);
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    match s.trim() {
+        "off" | "" => Ok(MetricsAddr(None)),
+        a => a.parse().map(|a| MetricsAddr(Some(a))).map_err(|e| format!("`{a}`: {e}; expected host:port or `off`")),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -468,6 +485,14 @@ mod tests {
 
     fn device(flag: &str) -> Result<candle_core::Device, candle_core::Error> {
         Cli::try_parse_from(["palaver", "--device", flag]).unwrap().model.device()
+    }
+
+    #[test]
+    fn the_metrics_address_is_an_address_or_off() {
+        assert_eq!(parse_metrics_addr("off").unwrap(), MetricsAddr(None));
+        assert_eq!(parse_metrics_addr("0.0.0.0:9464").unwrap(), MetricsAddr(Some("0.0.0.0:9464".parse().unwrap())));
+        let err = parse_metrics_addr("localhost").unwrap_err();
+        assert!(err.contains("`localhost`") && err.contains("host:port or `off`"), "{err}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! weights), `llm` (the model thread), `summarize` (the pipeline, no gRPC),
 //! `intent` (taxonomies and classification), `sendtime` (engagement store and
 //! send windows), `server` (gRPC adapters, admission, health; the one place errors become
-//! `tonic::Status`).
+//! `tonic::Status`). `metrics` sums what responses report, for Prometheus.
 
 pub mod attend;
 pub mod cli;
@@ -15,6 +15,7 @@ pub mod encoder;
 pub mod eval;
 pub mod intent;
 pub mod llm;
+pub mod metrics;
 pub mod models;
 pub mod sendtime;
 pub mod server;

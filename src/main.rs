@@ -353,6 +353,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
         None
     };
     let listener = tokio::net::TcpListener::bind(args.addr).await.with_context(|| format!("binding {}", args.addr))?;
+    if let Some(addr) = args.metrics_addr.0 {
+        let metrics = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding --metrics-addr {addr} (`off` disables it)"))?;
+        tracing::info!(%addr, "metrics at GET /metrics");
+        tokio::spawn(server::metrics::serve_metrics(metrics, std::future::pending()));
+    }
     let opts = ServeOptions {
         max_concurrent_requests: args.max_concurrent_requests,
         max_request_bytes: args.max_request_bytes,

@@ -222,9 +222,12 @@ fn run(
             live
         });
         let batch = policy.next_batch(&mut queue);
+        let m = crate::metrics::global();
+        m.encoder_queue.with(&[]).set(queue.len() as i64);
         if batch.is_empty() {
             continue;
         }
+        m.encoder_batch_size.with(&[]).observe(batch.len() as f64);
         let started = Instant::now();
         let seqs: Vec<&[u32]> = batch.iter().map(|j| j.ids.as_slice()).collect();
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| encoder.embed(&seqs)))

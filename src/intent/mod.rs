@@ -420,6 +420,11 @@ impl Intents {
         let langs = langs.await.map_err(|_| IntentError::Unavailable("language detection panicked".into()))?;
         let EncodeTimings { tokenize, queue, inference, batch_size } = timings;
         let total = started.elapsed();
+        let m = crate::metrics::global();
+        for (phase, d) in [("tokenize", tokenize), ("queue", queue), ("inference", inference), ("total", total)] {
+            m.classify_seconds.with(&[phase]).observe_duration(d);
+        }
+        m.classify_texts.with(&[]).add(items.len() as u64);
         let head = &stored.head;
         Ok(items
             .into_iter()

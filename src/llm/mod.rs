@@ -140,6 +140,11 @@ impl Llm {
         &self.tokenizer
     }
 
+    /// Bytes of prompt caches kept for reuse.
+    pub fn prefix_cache_bytes(&self) -> usize {
+        self.prefixes.bytes()
+    }
+
     pub fn context_len(&self) -> usize {
         self.model.config().context
     }

@@ -8,6 +8,7 @@
 use super::batching::{self, BatchPolicy, Pass, Scheduler};
 use super::{GenerateParams, Generation, Llm, LlmError, Sequence};
 use std::collections::VecDeque;
+use crate::metrics;
 use crate::models::LlmFiles;
 use candle_core::Device;
 use std::panic::AssertUnwindSafe;
@@ -189,6 +190,7 @@ fn run(
             return;
         }
     };
+    let gauges = Exported::new(&files.id);
     let policy = opts.batch;
     let mut waiting: VecDeque<GenerateJob> = VecDeque::new();
     let mut batch: Vec<Member> = Vec::new();
@@ -196,6 +198,7 @@ fn run(
     loop {
         // Idle: sleep until a request comes; busy: take what has arrived.
         if batch.is_empty() && waiting.is_empty() {
+            gauges.update(0, 0, llm.prefix_cache_bytes());
             match rx.blocking_recv() {
                 Some(job) => waiting.push_back(job),
                 None => return,
@@ -234,11 +237,17 @@ fn run(
                 }
             }
         }
+        gauges.update(waiting.len(), batch.len(), llm.prefix_cache_bytes());
         let view: Vec<_> = batch.iter().map(Member::view).collect();
         let Some(pass) = sched.next(&policy, &view) else { continue };
-        if pass == Pass::Decode {
-            counters.decode_passes.fetch_add(1, Ordering::Relaxed);
-            counters.decode_rows.fetch_add(view.iter().filter(|m| m.prompt_left == 0).count() as u64, Ordering::Relaxed);
+        match pass {
+            Pass::Decode => {
+                let rows = view.iter().filter(|m| m.prompt_left == 0).count() as u64;
+                counters.decode_passes.fetch_add(1, Ordering::Relaxed);
+                counters.decode_rows.fetch_add(rows, Ordering::Relaxed);
+                gauges.pass(pass, rows);
+            }
+            Pass::Prompt { tokens, .. } => gauges.pass(pass, tokens as u64),
         }
         // A panic inside candle must not take the model thread down with it.
         let generating = view.iter().any(|m| m.prompt_left == 0);
@@ -282,6 +291,41 @@ fn run(
             counter.fetch_add(1, Ordering::Relaxed);
             let _ = m.job.reply.send(result);
         }
+    }
+}
+
+/// The model thread's series in `metrics`, looked up once.
+struct Exported {
+    waiting: Arc<metrics::Gauge>,
+    running: Arc<metrics::Gauge>,
+    prefix_bytes: Arc<metrics::Gauge>,
+    passes: [Arc<metrics::Counter>; 2],
+    rows: [Arc<metrics::Counter>; 2],
+}
+
+impl Exported {
+    fn new(model: &str) -> Self {
+        let m = metrics::global();
+        let by_pass = |f: &metrics::Family<metrics::Counter>| [f.with(&[model, "prompt"]), f.with(&[model, "decode"])];
+        Self {
+            waiting: m.llm_sequences.with(&[model, "waiting"]),
+            running: m.llm_sequences.with(&[model, "running"]),
+            prefix_bytes: m.llm_prefix_cache_bytes.with(&[model]),
+            passes: by_pass(&m.llm_passes),
+            rows: by_pass(&m.llm_rows),
+        }
+    }
+
+    fn update(&self, waiting: usize, running: usize, prefix_bytes: usize) {
+        self.waiting.set(waiting as i64);
+        self.running.set(running as i64);
+        self.prefix_bytes.set(prefix_bytes as i64);
+    }
+
+    fn pass(&self, pass: Pass, rows: u64) {
+        let i = usize::from(pass == Pass::Decode);
+        self.passes[i].add(1);
+        self.rows[i].add(rows);
     }
 }
 

@@ -136,7 +136,11 @@ impl Engagement {
             return Ok(Recorded::default());
         }
         let (reply, rx) = oneshot::channel();
-        self.send(Write::Events { tenant: tenant.to_string(), events, reply }, rx).await
+        let r = self.send(Write::Events { tenant: tenant.to_string(), events, reply }, rx).await?;
+        let m = crate::metrics::global();
+        m.engagement_events.with(&["accepted"]).add(r.accepted);
+        m.engagement_events.with(&["duplicate"]).add(r.duplicates);
+        Ok(r)
     }
 
     /// Forgets a contact (profile and duplicate records); durable on return.

@@ -8,6 +8,7 @@ use crate::summarize::references::Reference;
 use crate::summarize::thread::{invalid, Message, Role, SummarizeInput, Thread};
 use super::classify::{classify_one, log_classified, to_classify_input, to_classify_response};
 use crate::intent::Intents;
+use crate::metrics::GaugeGuard;
 use crate::summarize::{StreamEvent, SummarizeError, Summarizer, Summary};
 use tokio_stream::StreamExt;
 use std::pin::Pin;
@@ -15,6 +16,12 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+
+/// An admission slot, counted in `palaver_admitted_requests` while held.
+struct Admitted {
+    _permit: OwnedSemaphorePermit,
+    _gauge: GaugeGuard,
+}
 
 pub struct AssistService {
     summarizer: Summarizer,
@@ -31,13 +38,14 @@ impl AssistService {
     }
 
     /// Fails fast: an overloaded server says so rather than queueing without bound.
-    fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {
-        self.admission.clone().try_acquire_owned().map_err(|_| {
+    fn admit(&self) -> Result<Admitted, Status> {
+        let permit = self.admission.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "server busy: all {} request slots are in use (--max-concurrent-requests); retry later",
                 self.max_concurrent
             ))
-        })
+        })?;
+        Ok(Admitted { _permit: permit, _gauge: GaugeGuard::new(crate::metrics::global().in_flight.with(&["assist"])) })
     }
 
     fn input(&self, req: pb::SummarizeRequest) -> Result<SummarizeInput, Status> {
@@ -250,7 +258,7 @@ impl AssistService {
 
     /// Keeps up to `stream_window` requests in flight and answers in request
     /// order; a slow reader stops the reading of new requests (backpressure).
-    fn classify_stream_impl(&self, input: tonic::Streaming<pb::ClassifyIntentRequest>, permit: OwnedSemaphorePermit) -> ClassifyStream {
+    fn classify_stream_impl(&self, input: tonic::Streaming<pb::ClassifyIntentRequest>, permit: Admitted) -> ClassifyStream {
         let intents = self.intents.clone();
         let window = self.stream_window;
         let (tx, rx) = mpsc::channel::<Result<pb::ClassifyIntentResponse, Status>>(window);

@@ -341,6 +341,7 @@ impl pb::engagement_server::Engagement for EngagementService {
                         let _ = tx.send(Err(Status::internal("scoring panicked"))).await;
                         return;
                     };
+                    crate::metrics::global().contacts_scored.with(&[]).add(scored.len() as u64);
                     // Waiting for room here is the backpressure: nothing more
                     // is read from the client until the reader catches up.
                     for s in scored {

@@ -4,6 +4,7 @@
 mod assist;
 mod classify;
 pub mod engagement;
+pub mod metrics;
 mod status;
 mod taxonomies;
 
@@ -69,7 +70,7 @@ pub async fn serve(
         .build_v1()
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
     let mut router = tonic::transport::Server::builder()
-        .layer(tower::util::MapResponseLayer::new(status::remap_response))
+        .layer(metrics::ObserveLayer)
         .add_service(health_service)
         .add_service(reflection)
         .add_optional_service(

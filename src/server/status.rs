@@ -3,9 +3,6 @@
 use crate::intent::IntentError;
 use crate::summarize::SummarizeError;
 use http::HeaderMap;
-use http_body::{Body, Frame};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use tonic::{Code, Status};
 
 impl From<SummarizeError> for Status {
@@ -52,7 +49,7 @@ impl From<crate::sendtime::SendTimeError> for Status {
 /// tonic answers an over-size request with OUT_OF_RANGE, in the headers or the
 /// trailers; gRPC's convention (and what clients back off on) is
 /// RESOURCE_EXHAUSTED, and the message should name the flag that sets the limit.
-fn remap_oversize(h: &mut HeaderMap) {
+pub(super) fn remap_oversize(h: &mut HeaderMap) {
     let msg = match h.get("grpc-message").and_then(|v| v.to_str().ok()) {
         Some(m) if h.get("grpc-status").is_some_and(|v| v == "11") && (m.contains("too%20large") || m.contains("too large")) => {
             percent_decode(m)
@@ -63,40 +60,6 @@ fn remap_oversize(h: &mut HeaderMap) {
     h.insert("grpc-status", http::HeaderValue::from_static("8"));
     if let Ok(v) = http::HeaderValue::from_str(&msg.replace('%', "%25")) {
         h.insert("grpc-message", v);
-    }
-}
-
-/// Applied to every response by a tower layer.
-pub fn remap_response(mut resp: http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> {
-    remap_oversize(resp.headers_mut());
-    resp.map(|b| tonic::body::Body::new(RemapTrailers(b)))
-}
-
-struct RemapTrailers(tonic::body::Body);
-
-impl Body for RemapTrailers {
-    type Data = <tonic::body::Body as Body>::Data;
-    type Error = <tonic::body::Body as Body>::Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.0).poll_frame(cx).map(|f| {
-            f.map(|r| {
-                r.map(|mut frame| {
-                    if let Some(t) = frame.trailers_mut() {
-                        remap_oversize(t);
-                    }
-                    frame
-                })
-            })
-        })
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.0.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.0.size_hint()
     }
 }
 

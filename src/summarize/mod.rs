@@ -118,6 +118,28 @@ pub struct Timings {
     pub attempts: u32,
 }
 
+/// The response's own numbers, summed for metrics.
+fn record(t: &Timings, faith: &Faithfulness) {
+    let m = crate::metrics::global();
+    for (phase, ms) in [("tokenize", t.tokenize_ms), ("queue", t.queue_ms), ("prompt", t.prompt_ms), ("generation", t.generation_ms), ("total", t.total_ms)] {
+        m.summarize_seconds.with(&[phase]).observe(ms / 1e3);
+    }
+    for (kind, n) in [
+        ("prompt", t.prompt_tokens),
+        ("reused", t.reused_prompt_tokens),
+        ("processed", t.prompt_tokens_processed),
+        ("generated", t.generated_tokens),
+        ("drafted", t.drafted_tokens),
+    ] {
+        m.summarize_tokens.with(&[kind]).add(n as u64);
+    }
+    for (outcome, n) in
+        [("passed_first_time", usize::from(faith.passed_first_time)), ("regenerated", usize::from(faith.regenerated)), ("facts_removed", faith.removed_facts.len())]
+    {
+        m.summarize_faithfulness.with(&[outcome]).add(n as u64);
+    }
+}
+
 impl Timings {
     fn add(&mut self, g: &Generation) {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -248,6 +270,7 @@ impl Summarizer {
         let mut references = prepared.references;
         references::mark_in_summary(&mut references, note_texts(&note));
         timings.total_ms = start.elapsed().as_secs_f64() * 1e3;
+        record(&timings, &faith);
         Ok(Summary {
             thread_id: input.thread.id,
             note,

@@ -11,6 +11,7 @@ mod engine;
 mod engagement_grpc;
 mod health_reflection;
 mod intent_grpc;
+mod metrics;
 mod models;
 mod score_cli;
 mod summarize_grpc;
