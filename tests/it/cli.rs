@@ -26,10 +26,11 @@ fn free_port() -> u16 {
 #[tokio::test]
 async fn serve_answers_health_and_summarize() {
     common::llm_files(models::FIXTURE_LLM);
-    let port = free_port();
+    let (port, metrics_port) = (free_port(), free_port());
     let child = Command::new(BIN)
         .args(["serve", "--summarizer", models::FIXTURE_LLM])
         .env("PALAVER_ADDR", format!("127.0.0.1:{port}")) // flags also come from the environment
+        .env("PALAVER_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
         .env("PALAVER_MODELS_DIR", common::models_dir())
         .env("PALAVER_TAXONOMY_STORE", common::temp_dir("cli-store"))
         .env("PALAVER_ENGAGEMENT_DB", common::temp_dir("cli-engagement").join("e.redb"))
@@ -76,6 +77,20 @@ async fn serve_answers_health_and_summarize() {
     assert_eq!(r.thread_id, "cli");
     assert_eq!(r.model, models::FIXTURE_LLM);
     assert!(!r.summary.is_empty());
+    // The process's own metrics count that call.
+    let metrics = http_get(metrics_port, "/metrics").await;
+    assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
+    assert!(metrics.contains("palaver_requests_total{method=\"/palaver.v1.Assist/Summarize\",code=\"OK\"} 1\n"), "{metrics}");
+    assert!(metrics.contains("palaver_summarize_phase_seconds_count{phase=\"total\"} 1\n"), "{metrics}");
+}
+
+async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("metrics listening");
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).await.unwrap();
+    out
 }
 
 fn summarize_stdin(json: &str) -> std::process::Output {
@@ -138,6 +153,7 @@ fn serve(store: &std::path::Path, port: u16, extra: &[&str]) -> Killed {
         .env("PALAVER_MODELS_DIR", common::models_dir())
         .env("PALAVER_TAXONOMY_STORE", store)
         .env("PALAVER_SERVICES", "assist")
+        .env("PALAVER_METRICS_ADDR", "off")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -207,6 +223,7 @@ async fn taxonomies_survive_kill_9_and_bad_files_fail_the_start() {
     let out = Command::new(BIN)
         .args(["serve", "--summarizer", models::FIXTURE_LLM, "--taxonomy", bad.to_str().unwrap()])
         .env("PALAVER_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("PALAVER_METRICS_ADDR", "off")
         .env("PALAVER_MODELS_DIR", common::models_dir())
         .env("PALAVER_TAXONOMY_STORE", &store)
         .env("PALAVER_SERVICES", "assist")

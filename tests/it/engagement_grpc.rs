@@ -284,6 +284,7 @@ fn spawn_engagement_only(db: &Path, port: u16) -> std::process::Child {
         .args(["serve", "--services", "engagement"])
         .env("PALAVER_ADDR", format!("127.0.0.1:{port}"))
         .env("PALAVER_ENGAGEMENT_DB", db)
+        .env("PALAVER_METRICS_ADDR", "off")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
