@@ -1,12 +1,13 @@
 //! The CPU work around the model, per request: fitting a 300-message thread
 //! into the budget, building the prompt, the faithfulness check and the
-//! thread's references. These must stay negligible next to inference.
+//! thread's references, and the metrics a request feeds. These must stay
+//! negligible next to inference.
 //!
 //!   cargo bench --bench pipeline
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use palaver::summarize::thread::{Message, Role};
-use palaver::summarize::{cut, faithful, parse, prompt, references};
+use palaver::summarize::{cut, faithful, parse, prompt, record_metrics, references, Faithfulness, Timings};
 use std::hint::black_box;
 
 fn thread(n: usize) -> Vec<Message> {
@@ -61,6 +62,10 @@ fn bench(c: &mut Criterion) {
             support.unsupported(&n.summary).len()
         })
     });
+    let timings = Timings { tokenize_ms: 2.0, queue_ms: 1.0, prompt_ms: 900.0, generation_ms: 1500.0, total_ms: 2410.0, ..Timings::default() };
+    let faith = Faithfulness { passed_first_time: true, ..Faithfulness::default() };
+    c.bench_function("a summary's metrics recorded", |b| b.iter(|| record_metrics(black_box(&timings), &faith)));
+    c.bench_function("a scrape of every metric rendered", |b| b.iter(|| palaver::metrics::global().render().len()));
 }
 
 criterion_group!(benches, bench);

@@ -363,7 +363,25 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_request_bytes: args.max_request_bytes,
         startup_taxonomies: startup,
     };
+    // Drain on Ctrl-C or SIGTERM (what systemd, Docker and Kubernetes send):
+    // stop accepting, let admitted requests finish, release the store.
     let shutdown = async {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutting down");
     };

@@ -118,8 +118,8 @@ pub struct Timings {
     pub attempts: u32,
 }
 
-/// The response's own numbers, summed for metrics.
-fn record(t: &Timings, faith: &Faithfulness) {
+/// The response's own numbers, summed for metrics (once per summary).
+pub fn record_metrics(t: &Timings, faith: &Faithfulness) {
     let m = crate::metrics::global();
     for (phase, ms) in [("tokenize", t.tokenize_ms), ("queue", t.queue_ms), ("prompt", t.prompt_ms), ("generation", t.generation_ms), ("total", t.total_ms)] {
         m.summarize_seconds.with(&[phase]).observe(ms / 1e3);
@@ -270,7 +270,7 @@ impl Summarizer {
         let mut references = prepared.references;
         references::mark_in_summary(&mut references, note_texts(&note));
         timings.total_ms = start.elapsed().as_secs_f64() * 1e3;
-        record(&timings, &faith);
+        record_metrics(&timings, &faith);
         Ok(Summary {
             thread_id: input.thread.id,
             note,

@@ -354,3 +354,44 @@ async fn acknowledged_events_survive_kill_9_mid_ingest() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// SIGTERM (what systemd, Docker and Kubernetes send) drains: a stream already
+/// open is answered in full, then the process exits cleanly.
+#[tokio::test]
+async fn sigterm_lets_an_open_stream_finish_then_exits_cleanly() {
+    let dir: PathBuf = common::temp_dir("engagement-term");
+    let db = dir.join("e.redb");
+    let port = free_port();
+    let mut child = spawn_engagement_only(&db, port);
+    let mut c = client(format!("127.0.0.1:{port}")).await;
+    let t0 = local("UTC", "2026-01-05T00:00");
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let call = tokio::spawn(async move { c.record_events(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+    let ev = |i: i64| event("drain", pb::EventType::InboundMessage, t0 + i * 600, &format!("drain-{i}"));
+    for i in 0..5 {
+        tx.send(ev(i)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 5..10 {
+        tx.send(ev(i)).await.unwrap();
+    }
+    drop(tx);
+    let r = call.await.unwrap().expect("the open stream is answered").into_inner();
+    assert_eq!(r.accepted, 10);
+    let mut status = None;
+    for _ in 0..100 {
+        status = child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = status.unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("still running 10 s after SIGTERM")
+    });
+    assert!(status.success(), "{status:?}");
+}
