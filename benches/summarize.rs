@@ -32,14 +32,11 @@ async fn resummarise(s: &Summarizer, input: &SummarizeInput, runs: usize, cold_l
     let mut firsts = vec![];
     for i in 0..runs {
         // Each run its own thread: another run's grown prompt would be reused whole.
-        let mut x = palaver::eval::as_new_thread(input, &format!("grow-{i}"));
+        let x = palaver::eval::as_new_thread(input, &format!("grow-{i}"));
         let t = Instant::now();
         let first = s.summarize(x.clone(), None).await.unwrap();
         firsts.push(t.elapsed().as_secs_f64());
-        let mut m = x.thread.messages.iter().find(|m| m.role == palaver::summarize::thread::Role::Customer).unwrap().clone();
-        m.id = format!("new-{i}");
-        m.text = "Still nothing arrived today. Can you send me the tracking link or refund me, please?".into();
-        x.thread.messages.push(m);
+        let x = palaver::eval::grown(&x, &i.to_string());
         let t = Instant::now();
         let r = s.summarize(x, None).await.unwrap();
         lat.push(t.elapsed().as_secs_f64());

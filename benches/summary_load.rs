@@ -7,6 +7,9 @@
 //!   cargo bench --bench summary_load
 //!   PALAVER_SUMMARIZER=qwen2.5-coder-0.5b-instruct CLIENTS=8 TOKENS=200 cargo bench --bench summary_load
 //!   DECODE_SHARE=0 cargo bench --bench summary_load   # `--decode-share` (default 0.5)
+//!   CLIENTS=4 RESUMMARISE=2 cargo bench --bench summary_load
+//!       # also 2 threads re-summarised after a new message, sent DELAY_S (default 3) s into the
+//!       # burst; PROMPT_OVERTAKES=0 reads prompts in arrival order (`--prompt-overtakes`, default 4)
 
 mod common;
 
@@ -46,11 +49,17 @@ async fn main() {
     let summarizer = std::env::var("PALAVER_SUMMARIZER").unwrap_or_else(|_| models::DEFAULT_SUMMARIZER.into());
     let clients: usize = std::env::var("CLIENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
     let tokens: usize = std::env::var("TOKENS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
+    let resummarise: usize = std::env::var("RESUMMARISE").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let delay = Duration::from_secs_f64(std::env::var("DELAY_S").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0));
     let mut llm = LlmOptions::default();
-    llm.batch.max_sequences = clients.max(1);
+    llm.batch.max_sequences = (clients + resummarise).max(1);
     if let Some(share) = std::env::var("DECODE_SHARE").ok().and_then(|s| s.parse().ok()) {
         llm.batch.decode_share = share;
     }
+    if let Some(n) = std::env::var("PROMPT_OVERTAKES").ok().and_then(|s| s.parse().ok()) {
+        llm.batch.prompt_overtakes = n;
+    }
+    let overtakes = llm.batch.prompt_overtakes;
     let share = llm.batch.decode_share;
     let cfg = SummarizeConfig { faithfulness_retries: 0, ..SummarizeConfig::default() };
     let (addr, tok) = common::start_server(&summarizer, llm, cfg);
@@ -69,7 +78,9 @@ async fn main() {
             Err(e) => panic!("{e}"),
         }
     }
-    println!("Summarize on {addr}, model {summarizer}, {clients} clients, ~{tokens}-token threads, decode share {share}");
+    println!(
+        "Summarize on {addr}, model {summarizer}, {clients} clients, ~{tokens}-token threads, decode share {share}, prompt overtakes {overtakes}"
+    );
     // Solo: each thread alone, for the latency ratio.
     let mut solo = Vec::new();
     for (i, t) in threads.iter().enumerate().take(2) {
@@ -80,6 +91,38 @@ async fn main() {
         println!("solo {i}: {:.1} s, prompt {} tokens, generated {}", solo[i], tk.prompt_tokens, tk.generated_tokens);
     }
     let solo_mean = solo.iter().sum::<f64>() / solo.len() as f64;
+    // Threads to re-summarise during the burst, summarised once beforehand;
+    // the first is also grown and re-summarised alone, for the ratio.
+    let mut grown = Vec::new();
+    for i in 0..resummarise {
+        let t = palaver::eval::long_thread(&dialogs, (clients + i) * 37, tokens, count);
+        c.summarize(request(&t, &format!("re-{i}"))).await.unwrap();
+        grown.push((format!("re-{i}"), palaver::eval::grown(&t, &i.to_string())));
+    }
+    let mut solo_re = None;
+    if resummarise > 0 {
+        let t = palaver::eval::long_thread(&dialogs, clients * 37, tokens, count);
+        c.summarize(request(&t, "re-solo")).await.unwrap();
+        let g = palaver::eval::grown(&t, "solo");
+        let started = Instant::now();
+        let r = c.summarize(request(&g, "re-solo")).await.unwrap().into_inner();
+        let tk = r.tokens.unwrap_or_default();
+        solo_re = Some(started.elapsed().as_secs_f64());
+        println!("re-summarised alone: {:.1} s, {} of {} prompt tokens reused", solo_re.unwrap(), tk.reused_prompt_tokens, tk.prompt_tokens);
+    }
+    let re_tasks: Vec<_> = grown
+        .into_iter()
+        .map(|(id, g)| {
+            let mut c = AssistClient::new(ch.clone());
+            let req = request(&g, &id);
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let t = Instant::now();
+                c.summarize(req).await.expect("re-summarise").into_inner();
+                t.elapsed().as_secs_f64()
+            })
+        })
+        .collect();
     let started = Instant::now();
     let tasks: Vec<_> = threads
         .iter()
@@ -111,4 +154,18 @@ async fn main() {
         pct(&lat, 0.99),
         pct(&lat, 0.95) / solo_mean
     );
+    if let Some(solo_re) = solo_re {
+        let mut re = Vec::new();
+        for t in re_tasks {
+            re.push(t.await.unwrap());
+        }
+        let shown: Vec<String> = re.iter().map(|l| format!("{l:.1} s")).collect();
+        let worst = re.iter().cloned().fold(0.0, f64::max);
+        println!(
+            "{resummarise} re-summarised {:.0} s into the burst: {} ({:.1}x alone at worst)",
+            delay.as_secs_f64(),
+            shown.join(", "),
+            worst / solo_re
+        );
+    }
 }

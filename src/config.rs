@@ -190,6 +190,13 @@ pub struct SummarizeArgs {
     /// wasted compute (0 turns it off).
     #[arg(long, env = "PALAVER_PREFILL_DRAFT", default_value_t = BatchPolicy::default().prefill_draft)]
     pub prefill_draft: usize,
+
+    /// Shorter prompts are read first (a re-summarised thread's new message
+    /// before a new thread's whole transcript); this many times at most in a
+    /// row for one longer prompt, so it still progresses. Higher favours short
+    /// requests under load; 0 reads prompts in arrival order.
+    #[arg(long, env = "PALAVER_PROMPT_OVERTAKES", default_value_t = BatchPolicy::default().prompt_overtakes)]
+    pub prompt_overtakes: usize,
 }
 
 impl SummarizeArgs {
@@ -204,6 +211,7 @@ impl SummarizeArgs {
                 max_draft: self.max_draft,
                 decode_rows: self.decode_rows,
                 prefill_draft: self.prefill_draft,
+                prompt_overtakes: self.prompt_overtakes,
                 ..BatchPolicy::default()
             },
         }

@@ -83,6 +83,19 @@ pub fn as_new_thread(input: &SummarizeInput, id: &str) -> SummarizeInput {
     x
 }
 
+/// `input` after one more ~30-token customer message (id `new-{tag}`): what a
+/// helpdesk re-summarises.
+pub fn grown(input: &SummarizeInput, tag: &str) -> SummarizeInput {
+    let mut x = input.clone();
+    let customer = x.thread.messages.iter().find(|m| m.role == Role::Customer);
+    let mut m = customer.or(x.thread.messages.last()).cloned().expect("a thread has messages");
+    m.role = Role::Customer;
+    m.id = format!("new-{tag}");
+    m.text = "Still nothing arrived today. Can you send me the tracking link or refund me, please?".into();
+    x.thread.messages.push(m);
+    x
+}
+
 /// Lower-cased alphanumeric tokens (no stemming, no stop-word removal).
 pub fn tokens(text: &str) -> Vec<String> {
     text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase).collect()

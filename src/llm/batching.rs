@@ -54,6 +54,12 @@ pub struct BatchPolicy {
     /// 0.6x a row of a 5-row decode pass; a guess that is wrong from its
     /// start costs the rows, about 7 ms each for the 1.5B on 2 cores.
     pub prefill_draft: usize,
+    /// Prompt passes a prompt may be overtaken by shorter ones that came
+    /// after it before it goes first again (0: strict arrival order). The
+    /// shortest prompt left is read first, so a thread re-summarised after
+    /// one message (its new ~80 tokens) does not wait behind new 1,000-token
+    /// threads; each overtake delays the longer prompt by one short pass.
+    pub prompt_overtakes: usize,
 }
 
 impl Default for BatchPolicy {
@@ -67,6 +73,7 @@ impl Default for BatchPolicy {
             max_draft: 4,
             decode_rows: 6,
             prefill_draft: 64,
+            prompt_overtakes: 4,
         }
     }
 }
@@ -87,6 +94,9 @@ pub struct Member {
     pub prompt_left: usize,
     /// Tokens reserved: prompt + answer budget.
     pub reserved: usize,
+    /// Prompt passes that went to members behind this one since its own last
+    /// prompt pass.
+    pub overtaken: usize,
 }
 
 /// Scheduling state across passes.
@@ -119,6 +129,17 @@ impl BatchPolicy {
 }
 
 impl BatchPolicy {
+    /// Whose prompt the next prompt pass reads (`members` in arrival order):
+    /// the shortest left, the oldest on a tie, unless an older one has been
+    /// overtaken `prompt_overtakes` times: then the oldest such one.
+    pub fn prompt_to_read(&self, members: &[Member]) -> Option<usize> {
+        let reading = members.iter().enumerate().filter(|(_, m)| m.prompt_left > 0);
+        if let Some((i, _)) = reading.clone().find(|(_, m)| m.overtaken >= self.prompt_overtakes) {
+            return Some(i);
+        }
+        reading.min_by_key(|&(i, m)| (m.prompt_left, i)).map(|(i, _)| i)
+    }
+
     /// Drafted tokens each of `generating` sequences may check in one pass.
     pub fn draft_per_sequence(&self, generating: usize) -> usize {
         if generating == 0 {
@@ -132,8 +153,7 @@ impl Scheduler {
     /// The next pass, or None when the batch is empty.
     pub fn next(&mut self, policy: &BatchPolicy, members: &[Member]) -> Option<Pass> {
         let generating = members.iter().any(|m| m.prompt_left == 0);
-        // Oldest member still reading its prompt: prompts are read in arrival order.
-        let reading = members.iter().position(|m| m.prompt_left > 0);
+        let reading = policy.prompt_to_read(members);
         let pass = match reading {
             Some(_) if generating && !self.owed.is_zero() => Pass::Decode,
             Some(i) if !generating || self.prompt_passes_since_decode < policy.prompt_passes_per_decode => {
@@ -171,10 +191,10 @@ mod tests {
     use super::*;
 
     fn reading(left: usize) -> Member {
-        Member { prompt_left: left, reserved: left + 100 }
+        Member { prompt_left: left, reserved: left + 100, overtaken: 0 }
     }
     fn generating() -> Member {
-        Member { prompt_left: 0, reserved: 500 }
+        Member { prompt_left: 0, reserved: 500, overtaken: 0 }
     }
 
     #[test]
@@ -205,13 +225,34 @@ mod tests {
         assert_eq!(s.next(&p, &m), Some(Pass::Prompt { member: 1, tokens: 512 }));
         assert_eq!(s.next(&p, &m), Some(Pass::Decode));
         assert_eq!(s.next(&p, &m), Some(Pass::Prompt { member: 1, tokens: 512 }));
-        // The oldest prompt is read first.
-        let m = [generating(), reading(10), reading(20)];
+        // The shortest prompt is read first.
+        let m = [generating(), reading(20), reading(10)];
         assert_eq!(s.next(&p, &m), Some(Pass::Decode));
-        assert_eq!(s.next(&p, &m), Some(Pass::Prompt { member: 1, tokens: 10 }));
+        assert_eq!(s.next(&p, &m), Some(Pass::Prompt { member: 2, tokens: 10 }));
         assert_eq!(s.next(&p, &[generating(), generating()]), Some(Pass::Decode));
         assert_eq!(s.next(&p, &[generating()]), Some(Pass::Decode), "decoders never starve");
         assert_eq!(s.next(&p, &[]), None);
+    }
+
+    #[test]
+    fn short_prompts_go_first_but_overtake_a_long_one_only_so_often() {
+        let p = BatchPolicy { prompt_overtakes: 2, ..Default::default() };
+        let m = |left: usize, overtaken: usize| Member { overtaken, ..reading(left) };
+        // A re-summarised thread's 80 new tokens before a new thread's 1,040.
+        assert_eq!(p.prompt_to_read(&[m(1040, 0), m(80, 0)]), Some(1));
+        // A prompt half read is closer to done than a new one of the same size.
+        assert_eq!(p.prompt_to_read(&[m(1040, 0), m(528, 0)]), Some(1));
+        // Ties go to the oldest; members generating are never picked.
+        assert_eq!(p.prompt_to_read(&[generating(), m(80, 0), m(80, 0)]), Some(1));
+        assert_eq!(p.prompt_to_read(&[generating(), generating()]), None);
+        // Overtaken once, the long prompt still waits; twice, it goes first
+        // (the oldest such one).
+        assert_eq!(p.prompt_to_read(&[m(1040, 1), m(80, 0)]), Some(1));
+        assert_eq!(p.prompt_to_read(&[m(1040, 2), m(80, 0)]), Some(0));
+        assert_eq!(p.prompt_to_read(&[m(900, 2), m(1040, 3), m(80, 0)]), Some(0));
+        // 0 keeps strict arrival order.
+        let fifo = BatchPolicy { prompt_overtakes: 0, ..p };
+        assert_eq!(fifo.prompt_to_read(&[generating(), m(1040, 0), m(80, 0)]), Some(1));
     }
 
     #[test]

@@ -230,7 +230,7 @@ fn run(
             let job = waiting.pop_front().expect("admitted from the queue");
             let queue = job.enqueued.elapsed();
             match llm.start(job.prompt.clone(), job.conversation.clone(), job.params.clone()) {
-                Ok(seq) => batch.push(Member { job, seq, queue }),
+                Ok(seq) => batch.push(Member { job, seq, queue, overtaken: 0 }),
                 Err(e) => {
                     counters.failed.fetch_add(1, Ordering::Relaxed);
                     let _ = job.reply.send(Err(e));
@@ -240,6 +240,13 @@ fn run(
         gauges.update(waiting.len(), batch.len(), llm.prefix_cache_bytes());
         let view: Vec<_> = batch.iter().map(Member::view).collect();
         let Some(pass) = sched.next(&policy, &view) else { continue };
+        if let Pass::Prompt { member, .. } = pass {
+            // Older prompts this pass overtook count it; the one read starts over.
+            for m in batch[..member].iter_mut().filter(|m| m.seq.prompt_left() > 0) {
+                m.overtaken += 1;
+            }
+            batch[member].overtaken = 0;
+        }
         match pass {
             Pass::Decode => {
                 let rows = view.iter().filter(|m| m.prompt_left == 0).count() as u64;
@@ -334,11 +341,13 @@ struct Member {
     job: GenerateJob,
     seq: Sequence,
     queue: std::time::Duration,
+    /// Prompt passes that went to later members while this one was reading.
+    overtaken: usize,
 }
 
 impl Member {
     fn view(&self) -> batching::Member {
-        batching::Member { prompt_left: self.seq.prompt_left(), reserved: self.seq.reserved() }
+        batching::Member { prompt_left: self.seq.prompt_left(), reserved: self.seq.reserved(), overtaken: self.overtaken }
     }
 
     /// A streaming caller whose receiver is gone.

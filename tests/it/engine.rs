@@ -262,6 +262,59 @@ fn batched_generation_gives_each_request_the_tokens_it_gets_alone() {
 }
 
 
+/// A short prompt (a thread re-summarised after one message) is read before
+/// a long one that came first, and is answered before the long one has read
+/// its prompt; with `prompt_overtakes: 0` prompts keep their arrival order.
+#[test]
+fn a_short_prompt_is_read_before_a_long_one_unless_arrival_order_is_asked() {
+    let files = llm_files(models::FIXTURE_LLM);
+    let tok = Llm::load(&files, &Device::Cpu, 0).unwrap();
+    let long = prompt(&tok, &"Customer: my order 48213 has not arrived and nobody answers my e-mails.\n".repeat(60));
+    let short = prompt(&tok, "Customer: cancel my plan.");
+    assert!(long.len() > 1000 && short.len() < 64, "{} {}", long.len(), short.len());
+    drop(tok);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    for overtakes in [4, 0] {
+        let order = rt.block_on(async {
+            let opts = palaver::llm::LlmOptions {
+                prefix_cache_bytes: Some(0),
+                batch: palaver::llm::batching::BatchPolicy { prompt_chunk: 128, prompt_overtakes: overtakes, ..Default::default() },
+            };
+            let llm = palaver::llm::LlmHandle::spawn(files.clone(), Device::Cpu, opts).unwrap();
+            llm.wait_loaded().await;
+            let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+            let first_piece = {
+                let events = events.clone();
+                tokio::spawn(async move {
+                    // Reads to the end: a dropped receiver cancels the generation.
+                    let mut first = true;
+                    while let Some(piece) = rx.recv().await {
+                        if first && !piece.is_empty() {
+                            events.lock().unwrap().push("long's first token");
+                            first = false;
+                        }
+                    }
+                })
+            };
+            let params = |n| GenerateParams { max_new_tokens: n, ..Default::default() };
+            let long_run = llm.generate(long.clone(), None, params(16), Some(tx));
+            let short_run = async {
+                let g = llm.generate(short.clone(), None, params(8), None).await;
+                events.lock().unwrap().push("short answered");
+                g
+            };
+            let (l, s) = tokio::join!(long_run, short_run);
+            l.unwrap();
+            s.unwrap();
+            first_piece.await.unwrap();
+            let order = events.lock().unwrap().clone();
+            order
+        });
+        let expected = if overtakes > 0 { ["short answered", "long's first token"] } else { ["long's first token", "short answered"] };
+        assert_eq!(order, expected, "prompt_overtakes {overtakes}");
+    }
+}
 
 /// Where prompt rows are exact (AVX-512 VNNI: palaver's int8 GEMM for the
 /// SmolLM2 fixture, its Q4_K and Q6_K kernels for the 1.5B summarizer),
