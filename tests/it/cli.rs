@@ -78,20 +78,12 @@ async fn serve_answers_health_and_summarize() {
     assert_eq!(r.model, models::FIXTURE_LLM);
     assert!(!r.summary.is_empty());
     // The process's own metrics count that call.
-    let metrics = http_get(metrics_port, "/metrics").await;
+    let metrics = common::http_get(([127, 0, 0, 1], metrics_port).into(), "/metrics").await;
     assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
     assert!(metrics.contains("palaver_requests_total{method=\"/palaver.v1.Assist/Summarize\",code=\"OK\"} 1\n"), "{metrics}");
     assert!(metrics.contains("palaver_summarize_phase_seconds_count{phase=\"total\"} 1\n"), "{metrics}");
 }
 
-async fn http_get(port: u16, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("metrics listening");
-    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes()).await.unwrap();
-    let mut out = String::new();
-    c.read_to_string(&mut out).await.unwrap();
-    out
-}
 
 fn summarize_stdin(json: &str) -> std::process::Output {
     let mut child = Command::new(BIN)

@@ -7,13 +7,9 @@ use crate::common::fixture_server;
 use palaver::models;
 use palaver::proto::v1::{self as pb, classify_intent_request::Input, summarize_chunk::Chunk};
 use std::collections::HashMap;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn scrape(addr: std::net::SocketAddr) -> HashMap<String, f64> {
-    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").await.unwrap();
-    let mut text = String::new();
-    c.read_to_string(&mut text).await.unwrap();
+    let text = crate::common::http_get(addr, "/metrics").await;
     let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
     assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
     body.lines()
