@@ -1,5 +1,6 @@
 //! The gRPC server: Assist, health (NOT_SERVING until the model is loaded) and
-//! reflection (so grpcurl works without the proto files).
+//! reflection (so grpcurl works without the proto files); every call counted
+//! and timed for the metrics listener (`metrics`).
 
 mod assist;
 mod classify;
