@@ -159,7 +159,7 @@ fn code_name(h: &HeaderMap) -> Option<&'static str> {
 /// The method's path if the server has such a method, else "unknown": a
 /// client's made-up paths must not each become a series.
 fn method_label(path: &str) -> &'static str {
-    static KNOWN: LazyLock<HashSet<&'static str>> = LazyLock::new(|| {
+    static KNOWN: LazyLock<HashSet<String>> = LazyLock::new(|| {
         use prost::Message;
         let mut known = HashSet::new();
         for set in [crate::proto::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET, tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET] {
@@ -167,15 +167,14 @@ fn method_label(path: &str) -> &'static str {
             for file in set.file {
                 for service in &file.service {
                     for method in &service.method {
-                        let path = format!("/{}.{}/{}", file.package(), service.name(), method.name());
-                        known.insert(&*Box::leak(path.into_boxed_str()));
+                        known.insert(format!("/{}.{}/{}", file.package(), service.name(), method.name()));
                     }
                 }
             }
         }
         known
     });
-    KNOWN.get(path).copied().unwrap_or("unknown")
+    KNOWN.get(path).map_or("unknown", String::as_str)
 }
 
 /// A request line and headers larger than this are refused.
