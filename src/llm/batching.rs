@@ -140,6 +140,18 @@ impl BatchPolicy {
         reading.min_by_key(|&(i, m)| (m.prompt_left, i)).map(|(i, _)| i)
     }
 
+    /// Each member's `overtaken` after a prompt pass read `read`'s prompt:
+    /// one more for the older members still reading, none for `read`.
+    pub fn overtaken_after(members: &[Member], read: usize) -> Vec<usize> {
+        (0..members.len())
+            .map(|i| match i {
+                _ if i == read => 0,
+                _ if i < read && members[i].prompt_left > 0 => members[i].overtaken + 1,
+                _ => members[i].overtaken,
+            })
+            .collect()
+    }
+
     /// Drafted tokens each of `generating` sequences may check in one pass.
     pub fn draft_per_sequence(&self, generating: usize) -> usize {
         if generating == 0 {
@@ -253,6 +265,41 @@ mod tests {
         // 0 keeps strict arrival order.
         let fifo = BatchPolicy { prompt_overtakes: 0, ..p };
         assert_eq!(fifo.prompt_to_read(&[generating(), m(1040, 0), m(80, 0)]), Some(1));
+    }
+
+    #[test]
+    fn a_long_prompt_gets_a_pass_at_least_every_overtakes_plus_one_passes() {
+        // A 1,040-token prompt, and a new 80-token one arriving after every
+        // pass: the shorts never run out, the long one still progresses.
+        let p = BatchPolicy { prompt_chunk: 256, prompt_overtakes: 3, ..Default::default() };
+        let mut members = vec![reading(1040)];
+        let mut long_passes = Vec::new();
+        for pass in 0..40 {
+            members.push(reading(80));
+            let read = p.prompt_to_read(&members).unwrap();
+            let counts = BatchPolicy::overtaken_after(&members, read);
+            for (m, n) in members.iter_mut().zip(counts) {
+                m.overtaken = n;
+            }
+            members[read].prompt_left -= members[read].prompt_left.min(p.prompt_chunk);
+            if read == 0 {
+                long_passes.push(pass);
+            }
+            members.retain(|m| m.prompt_left > 0);
+            if long_passes.len() == 5 {
+                break;
+            }
+        }
+        // Four chunks of 256, each after 3 shorts went first; the last 16
+        // tokens are then the shortest prompt left.
+        assert_eq!(long_passes, [3, 7, 11, 15, 16]);
+        assert!(members.iter().all(|m| m.prompt_left == 80), "the long prompt is read whole");
+        // With 0, the long prompt goes first every time.
+        let fifo = BatchPolicy { prompt_overtakes: 0, ..p };
+        let m = [reading(1040), reading(80)];
+        assert_eq!(fifo.prompt_to_read(&m), Some(0));
+        assert_eq!(BatchPolicy::overtaken_after(&m, 0), [0, 0], "the younger one is not overtaken");
+        assert_eq!(BatchPolicy::overtaken_after(&[reading(1040), generating(), reading(80)], 2), [1, 0, 0]);
     }
 
     #[test]

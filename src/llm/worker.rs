@@ -240,22 +240,21 @@ fn run(
         gauges.update(waiting.len(), batch.len(), llm.prefix_cache_bytes());
         let view: Vec<_> = batch.iter().map(Member::view).collect();
         let Some(pass) = sched.next(&policy, &view) else { continue };
-        if let Pass::Prompt { member, .. } = pass {
-            // Older prompts this pass overtook count it; the one read starts over.
-            for m in batch[..member].iter_mut().filter(|m| m.seq.prompt_left() > 0) {
-                m.overtaken += 1;
+        let rows = match pass {
+            Pass::Prompt { member, tokens } => {
+                for (m, n) in batch.iter_mut().zip(BatchPolicy::overtaken_after(&view, member)) {
+                    m.overtaken = n;
+                }
+                tokens
             }
-            batch[member].overtaken = 0;
-        }
-        match pass {
             Pass::Decode => {
-                let rows = view.iter().filter(|m| m.prompt_left == 0).count() as u64;
+                let rows = view.iter().filter(|m| m.prompt_left == 0).count();
                 counters.decode_passes.fetch_add(1, Ordering::Relaxed);
-                counters.decode_rows.fetch_add(rows, Ordering::Relaxed);
-                gauges.pass(pass, rows);
+                counters.decode_rows.fetch_add(rows as u64, Ordering::Relaxed);
+                rows
             }
-            Pass::Prompt { tokens, .. } => gauges.pass(pass, tokens as u64),
-        }
+        };
+        gauges.pass(pass, rows as u64);
         // A panic inside candle must not take the model thread down with it.
         let generating = view.iter().any(|m| m.prompt_left == 0);
         let started = Instant::now();
