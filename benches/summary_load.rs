@@ -1,7 +1,8 @@
 //! Load generator for Summarize over gRPC: N clients at once, each with a
 //! different TweetSumm thread of ~TOKENS tokens (default 1,000), against the same server; reports
 //! the aggregate generated tokens/s, p50/p95/p99 latency, and the solo latency
-//! of the same threads for the ratio. Faithfulness retries are off so every
+//! of the same threads for the ratio. The loaded requests are streamed, so it
+//! also times the preview chunk and the first words. Faithfulness retries are off so every
 //! request does one generation.
 //!
 //!   cargo bench --bench summary_load
@@ -16,7 +17,7 @@ mod common;
 use palaver::eval::TweetSummDialog;
 use palaver::llm::LlmOptions;
 use palaver::models;
-use palaver::proto::v1::{self as pb, assist_client::AssistClient};
+use palaver::proto::v1::{self as pb, assist_client::AssistClient, summarize_chunk::Chunk};
 use palaver::summarize::SummarizeConfig;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -130,22 +131,45 @@ async fn main() {
         .map(|(i, t)| {
             let mut c = AssistClient::new(ch.clone());
             let req = request(t, &format!("load-{i}"));
+            // Streamed, to time what an agent sees first: the preview (the
+            // thread's references, before the model), the first words, the note.
             tokio::spawn(async move {
                 let t = Instant::now();
-                let r = c.summarize(req).await.expect("summarize").into_inner();
-                (t.elapsed().as_secs_f64(), r.tokens.unwrap_or_default().generated_tokens)
+                let mut stream = c.summarize_stream(req).await.expect("summarize").into_inner();
+                let (mut preview, mut first_text, mut ahead) = (None, None, 0);
+                loop {
+                    let chunk = stream.message().await.expect("chunk").expect("a response chunk").chunk.expect("chunk body");
+                    match chunk {
+                        Chunk::Preview(p) => {
+                            preview = Some(t.elapsed().as_secs_f64());
+                            ahead = p.summaries_ahead;
+                        }
+                        Chunk::TextDelta(_) => _ = first_text.get_or_insert(t.elapsed().as_secs_f64()),
+                        Chunk::Restart(_) => {}
+                        Chunk::Response(r) => {
+                            let at = |x: Option<f64>| x.expect("a preview and text before the response");
+                            let done = t.elapsed().as_secs_f64();
+                            break (at(preview), at(first_text), done, r.tokens.unwrap_or_default().generated_tokens, ahead);
+                        }
+                    }
+                }
             })
         })
         .collect();
-    let mut lat = Vec::new();
+    let (mut lat, mut previews, mut firsts, mut aheads) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut generated = 0u64;
     for t in tasks {
-        let (l, g) = t.await.unwrap();
+        let (p, f, l, g, a) = t.await.unwrap();
+        previews.push(p);
+        firsts.push(f);
         lat.push(l);
+        aheads.push(a);
         generated += g as u64;
     }
     let wall = started.elapsed().as_secs_f64();
-    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    for v in [&mut lat, &mut previews, &mut firsts] {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    }
     println!(
         "{clients} at once: {:.1} generated tokens/s aggregate, wall {wall:.1} s, latency p50 {:.1} s p95 {:.1} s p99 {:.1} s; p95 / solo {:.2}x",
         generated as f64 / wall,
@@ -153,6 +177,13 @@ async fn main() {
         pct(&lat, 0.95),
         pct(&lat, 0.99),
         pct(&lat, 0.95) / solo_mean
+    );
+    println!(
+        "  preview (references, language, coverage) p50 {:.0} ms p95 {:.0} ms, summaries ahead {aheads:?}; first text p50 {:.1} s p95 {:.1} s",
+        pct(&previews, 0.5) * 1e3,
+        pct(&previews, 0.95) * 1e3,
+        pct(&firsts, 0.5),
+        pct(&firsts, 0.95)
     );
     if let Some(solo_re) = solo_re {
         let mut re = Vec::new();

@@ -52,6 +52,24 @@ struct Counters {
     failed: AtomicU64,
     decode_passes: AtomicU64,
     decode_rows: AtomicU64,
+    /// Generations asked of this handle and not yet answered (queued or running).
+    in_flight: AtomicU64,
+}
+
+/// Counts a generation as in flight until its caller has the answer or left.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn enter(n: &'a AtomicU64) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +157,12 @@ impl LlmHandle {
         self.state.borrow().clone()
     }
 
+    /// Generations the model thread holds now, queued or running: how much
+    /// work a new request finds ahead of it.
+    pub fn in_flight(&self) -> u64 {
+        self.counters.in_flight.load(Ordering::Relaxed)
+    }
+
     /// Resolves once the model is loaded or has failed to load.
     pub async fn wait_loaded(&self) -> ModelState {
         wait_not_loading(self.state.clone()).await
@@ -157,6 +181,7 @@ impl LlmHandle {
             ModelState::Loading => return Err(LlmError::NotReady),
             ModelState::Failed(e) => return Err(LlmError::LoadFailed(e)),
         }
+        let _counted = InFlight::enter(&self.counters.in_flight);
         let (reply, rx) = oneshot::channel();
         let job = GenerateJob { prompt, conversation, params, stream, enqueued: Instant::now(), reply };
         self.tx.send(job).map_err(|_| LlmError::WorkerGone)?;

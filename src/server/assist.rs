@@ -9,7 +9,7 @@ use crate::summarize::thread::{invalid, Message, Role, SummarizeInput, Thread};
 use super::classify::{classify_one, log_classified, to_classify_input, to_classify_response};
 use crate::intent::Intents;
 use crate::metrics::GaugeGuard;
-use crate::summarize::{StreamEvent, SummarizeError, Summarizer, Summary};
+use crate::summarize::{Coverage, Preview, StreamEvent, SummarizeError, Summarizer, Summary};
 use tokio_stream::StreamExt;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -113,12 +113,7 @@ pub fn to_response(s: Summary) -> pb::SummarizeResponse {
         next_steps: s.note.next_steps,
         language: s.language.tag,
         language_source: s.language.source.to_string(),
-        coverage: Some(pb::ThreadCoverage {
-            used_message_ids: s.coverage.used_message_ids,
-            omitted_message_ids: s.coverage.omitted_message_ids,
-            truncated: s.coverage.truncated,
-            shortened_message_ids: s.coverage.shortened_message_ids,
-        }),
+        coverage: Some(coverage(s.coverage)),
         tokens: Some(pb::TokenCounts {
             prompt_tokens: t.prompt_tokens as u32,
             generated_tokens: t.generated_tokens as u32,
@@ -142,6 +137,26 @@ pub fn to_response(s: Summary) -> pb::SummarizeResponse {
             attempts: t.attempts,
         }),
         references: s.references.into_iter().map(reference).collect(),
+    }
+}
+
+fn to_preview(thread_id: &str, p: Preview) -> pb::SummarizePreview {
+    pb::SummarizePreview {
+        thread_id: thread_id.to_string(),
+        language: p.language.tag,
+        language_source: p.language.source.to_string(),
+        coverage: Some(coverage(p.coverage)),
+        references: p.references.into_iter().map(reference).collect(),
+        summaries_ahead: u32::try_from(p.ahead).unwrap_or(u32::MAX),
+    }
+}
+
+fn coverage(c: Coverage) -> pb::ThreadCoverage {
+    pb::ThreadCoverage {
+        used_message_ids: c.used_message_ids,
+        omitted_message_ids: c.omitted_message_ids,
+        truncated: c.truncated,
+        shortened_message_ids: c.shortened_message_ids,
     }
 }
 
@@ -200,6 +215,7 @@ impl pb::assist_server::Assist for AssistService {
         let input = self.input(req.into_inner())?;
         let permit = self.admit()?;
         let summarizer = self.summarizer.clone();
+        let thread_id = input.thread.id.clone();
         let (tx, rx) = mpsc::channel::<Result<pb::SummarizeChunk, Status>>(64);
         tokio::spawn(async move {
             let _permit = permit;
@@ -211,6 +227,7 @@ impl pb::assist_server::Assist for AssistService {
                     r = &mut work => break r,
                     Some(ev) = ev_rx.recv() => {
                         let chunk = match ev {
+                            StreamEvent::Preview(p) => pb::summarize_chunk::Chunk::Preview(to_preview(&thread_id, *p)),
                             StreamEvent::Text(t) => pb::summarize_chunk::Chunk::TextDelta(t),
                             StreamEvent::Restart(why) => pb::summarize_chunk::Chunk::Restart(why),
                         };

@@ -174,9 +174,25 @@ pub struct Summary {
 /// What a streaming caller receives while the summary is generated.
 #[derive(Debug, Clone)]
 pub enum StreamEvent {
+    /// First, before the model reads the thread.
+    Preview(Box<Preview>),
     Text(String),
     /// The text so far failed the faithfulness check; a new attempt follows.
     Restart(String),
+}
+
+/// What is known of a summary before the model reads the thread. Under load
+/// the note can be a minute away; the thread's ids, amounts and contacts, its
+/// language and what fits the prompt are not.
+#[derive(Debug, Clone)]
+pub struct Preview {
+    pub language: Language,
+    pub coverage: Coverage,
+    /// As in the final response, with `in_summary` false (no note yet).
+    pub references: Vec<references::Reference>,
+    /// Summaries the model thread held, queued or being written, when this
+    /// one was ready for it: how much work is ahead.
+    pub ahead: u64,
 }
 
 #[derive(Clone)]
@@ -237,6 +253,15 @@ impl Summarizer {
             .map_err(|e| SummarizeError::Internal(e.to_string()))?;
         let prepared = prepared?;
         timings.tokenize_ms += t.elapsed().as_secs_f64() * 1e3;
+        if let Some(s) = &stream {
+            let preview = Preview {
+                language: prepared.language.clone(),
+                coverage: prepared.coverage.clone(),
+                references: prepared.references.clone(),
+                ahead: self.llm.in_flight(),
+            };
+            let _ = s.send(StreamEvent::Preview(Box::new(preview)));
+        }
 
         let mut forbidden: Vec<String> = Vec::new();
         let mut faith = Faithfulness::default();

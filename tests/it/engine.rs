@@ -2,6 +2,7 @@
 //! its two matmul paths against each other, and prompt reuse against cold runs.
 
 use crate::common::llm_files;
+use futures_util::FutureExt;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::{quantized_llama, quantized_qwen2};
@@ -251,13 +252,24 @@ fn batched_generation_gives_each_request_the_tokens_it_gets_alone() {
         let llm = palaver::llm::LlmHandle::spawn(files, Device::Cpu, opts).unwrap();
         llm.wait_loaded().await;
         let runs = prompts.iter().map(|p| llm.generate(p.clone(), None, params.clone(), None));
-        let together = futures_util::future::join_all(runs).await;
+        let mut runs = Box::pin(futures_util::future::join_all(runs));
+        // One poll queues all five; each counts as in flight until answered.
+        assert!((&mut runs).now_or_never().is_none());
+        assert_eq!(llm.in_flight(), 5);
+        let together = runs.await;
+        assert_eq!(llm.in_flight(), 0);
         for (i, (g, a)) in together.into_iter().zip(&alone).enumerate() {
             assert_eq!(&g.unwrap().text, a, "request {i}");
         }
         let s = llm.stats();
         assert_eq!(s.completed, 5);
         assert!(s.decode_rows > s.decode_passes, "sequences shared decode steps: {s:?}");
+        // A caller that leaves stops counting at once.
+        let mut gone = Box::pin(llm.generate(prompts[0].clone(), None, params.clone(), None));
+        assert!((&mut gone).now_or_never().is_none());
+        assert_eq!(llm.in_flight(), 1);
+        drop(gone);
+        assert_eq!(llm.in_flight(), 0);
     });
 }
 

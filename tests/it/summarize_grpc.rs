@@ -130,9 +130,12 @@ async fn stream_sends_text_then_the_structured_response() {
     let mut text = String::new();
     let mut deltas = 0;
     let mut last = None;
+    let first = stream.message().await.expect("chunk").expect("a first chunk");
+    let Some(Chunk::Preview(preview)) = first.chunk else { panic!("the first chunk must be the preview: {first:?}") };
     while let Some(chunk) = stream.message().await.expect("chunk") {
         assert!(last.is_none(), "the response must be the last chunk");
         match chunk.chunk.expect("chunk body") {
+            Chunk::Preview(p) => panic!("a second preview: {p:?}"),
             Chunk::TextDelta(t) => {
                 deltas += 1;
                 text.push_str(&t);
@@ -142,9 +145,16 @@ async fn stream_sends_text_then_the_structured_response() {
         }
     }
     let r = last.expect("final response");
-    eprintln!("{text}\n{r:#?}");
+    eprintln!("{preview:#?}\n{text}\n{r:#?}");
     assert!(deltas >= 5, "{deltas} deltas");
     assert_eq!(r.language, "es");
+    // The preview told, before any text, what the response confirms.
+    assert_eq!((preview.thread_id.as_str(), preview.language.as_str(), preview.language_source.as_str()), ("es-1", "es", "detected"));
+    assert_eq!(preview.coverage, r.coverage);
+    let texts = |refs: &[pb::Reference]| refs.iter().map(|x| (x.text.clone(), x.message_ids.clone())).collect::<Vec<_>>();
+    assert!(texts(&preview.references).iter().any(|(t, _)| t.contains("15,99")), "{preview:?}");
+    assert_eq!(texts(&preview.references), texts(&r.references));
+    assert!(preview.references.iter().all(|x| !x.in_summary));
     let words: Vec<&str> = r.customer_issue.split_whitespace().take(3).collect();
     assert!(text.contains(&words.join(" ")), "streamed text {text:?} lacks the issue {:?}", r.customer_issue);
     // At most one piece per generated token (pieces inside a character are held
