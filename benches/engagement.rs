@@ -89,7 +89,7 @@ fn main() {
         // Over gRPC.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let opts = palaver::server::ServeOptions { max_concurrent_requests: 64, max_request_bytes: 4 << 20, startup_taxonomies: vec![] };
+        let opts = palaver::server::ServeOptions { max_concurrent_requests: 64, max_background_requests: 64, max_request_bytes: 4 << 20, startup_taxonomies: vec![] };
         let services = palaver::server::Services { assist: None, engagement: Some(e.clone()) };
         tokio::spawn(palaver::server::serve(listener, services, opts, std::future::pending()));
         let ch = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();

@@ -58,6 +58,7 @@ impl ThreadJson {
             thread: Some(pb::Thread { thread_id: self.thread_id, messages }),
             language: self.language,
             max_words: self.max_words,
+            ..Default::default()
         })
     }
 }

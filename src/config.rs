@@ -197,6 +197,14 @@ pub struct SummarizeArgs {
     /// requests under load; 0 reads prompts in arrival order.
     #[arg(long, env = "PALAVER_PROMPT_OVERTAKES", default_value_t = BatchPolicy::default().prompt_overtakes)]
     pub prompt_overtakes: usize,
+
+    /// Background summaries in the batch at once; the other slots of
+    /// `--max-batch-sequences` stay free for requests an agent waits for.
+    /// Background prompts are read only when no interactive one waits. Higher
+    /// finishes bulk work sooner when agents are idle; an agent's request
+    /// then shares each decode step with more rows.
+    #[arg(long, env = "PALAVER_MAX_BACKGROUND_SEQUENCES", default_value_t = BatchPolicy::default().max_background)]
+    pub max_background_sequences: usize,
 }
 
 impl SummarizeArgs {
@@ -212,6 +220,7 @@ impl SummarizeArgs {
                 decode_rows: self.decode_rows,
                 prefill_draft: self.prefill_draft,
                 prompt_overtakes: self.prompt_overtakes,
+                max_background: self.max_background_sequences,
                 ..BatchPolicy::default()
             },
         }
@@ -243,6 +252,13 @@ pub struct ServeArgs {
     /// at once instead of waiting. Higher absorbs bursts at the cost of queueing delay.
     #[arg(long, env = "PALAVER_MAX_CONCURRENT_REQUESTS", default_value_t = 64)]
     pub max_concurrent_requests: usize,
+
+    /// Background summaries (`priority: BACKGROUND`) admitted at once, queued
+    /// or running, on slots of their own: they never take an agent's slot,
+    /// and more get RESOURCE_EXHAUSTED. Higher lets a bulk job queue more;
+    /// they wait in the model's queue, holding their requests' memory.
+    #[arg(long, env = "PALAVER_MAX_BACKGROUND_REQUESTS", default_value_t = 64)]
+    pub max_background_requests: usize,
 
     /// Largest request message in bytes; larger ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "PALAVER_MAX_REQUEST_BYTES", default_value_t = 4 << 20)]

@@ -360,6 +360,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     let opts = ServeOptions {
         max_concurrent_requests: args.max_concurrent_requests,
+        max_background_requests: args.max_background_requests,
         max_request_bytes: args.max_request_bytes,
         startup_taxonomies: startup,
     };

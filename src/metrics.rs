@@ -196,7 +196,7 @@ impl Metrics {
             ),
             in_flight: Family::new(
                 "palaver_admitted_requests",
-                "Requests holding an admission slot (--max-concurrent-requests); at the limit, more get RESOURCE_EXHAUSTED.",
+                "Requests holding an admission slot (--max-concurrent-requests; assist_background: --max-background-requests); at the limit, more get RESOURCE_EXHAUSTED.",
                 &["service"],
                 Gauge::default,
             ),

@@ -30,7 +30,7 @@ pub fn start_server(summarizer: &str, llm: LlmOptions, cfg: SummarizeConfig) -> 
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(listener.local_addr().unwrap().to_string()).unwrap();
-            let opts = ServeOptions { max_concurrent_requests: 256, max_request_bytes: 4 << 20, startup_taxonomies: vec![] };
+            let opts = ServeOptions { max_concurrent_requests: 256, max_background_requests: 64, max_request_bytes: 4 << 20, startup_taxonomies: vec![] };
             let services = server::Services { assist: Some((Summarizer::new(llm, cfg), intents)), engagement: None };
             server::serve(listener, services, opts, std::future::pending()).await.unwrap();
         });

@@ -48,7 +48,7 @@ impl TweetSummDialog {
                 channel: "twitter".into(),
             })
             .collect();
-        SummarizeInput { thread: Thread { id: self.conversation_id.clone(), messages }, language: None, max_words: None }
+        SummarizeInput { thread: Thread { id: self.conversation_id.clone(), messages }, language: None, max_words: None, priority: Default::default() }
     }
 }
 

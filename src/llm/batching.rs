@@ -60,6 +60,10 @@ pub struct BatchPolicy {
     /// one message (its new ~80 tokens) does not wait behind new 1,000-token
     /// threads; each overtake delays the longer prompt by one short pass.
     pub prompt_overtakes: usize,
+    /// Background sequences in the batch at once: the slots left are kept
+    /// for requests someone waits for. Background work only runs in time
+    /// that interactive prompts do not need.
+    pub max_background: usize,
 }
 
 impl Default for BatchPolicy {
@@ -74,8 +78,20 @@ impl Default for BatchPolicy {
             decode_rows: 6,
             prefill_draft: 64,
             prompt_overtakes: 4,
+            max_background: 4,
         }
     }
+}
+
+/// Who waits for a generation. Ordered: interactive work goes first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Priority {
+    /// Someone is waiting for it (an agent opened the chat).
+    #[default]
+    Interactive,
+    /// Nobody is waiting yet (a note prepared after each new message, a bulk
+    /// job): it takes the time interactive work leaves.
+    Background,
 }
 
 /// What the model thread does next.
@@ -97,6 +113,7 @@ pub struct Member {
     /// Prompt passes that went to members behind this one since its own last
     /// prompt pass.
     pub overtaken: usize,
+    pub priority: Priority,
 }
 
 /// Scheduling state across passes.
@@ -109,17 +126,39 @@ pub struct Scheduler {
 }
 
 impl BatchPolicy {
-    /// How many of the `waiting` requests (tokens each would reserve, oldest
-    /// first) join now. Arrival order is kept: a large request at the head is
-    /// not overtaken by smaller ones behind it, so nobody waits forever. A
-    /// request larger than the whole budget still runs, alone.
-    pub fn admit(&self, members: &[Member], waiting: &VecDeque<usize>) -> usize {
+    /// Where a new request of `priority` joins the queue (`waiting`, the
+    /// queued requests' priorities in queue order): behind every request of
+    /// its priority or a more urgent one, ahead of the rest.
+    pub fn queue_position(waiting: impl IntoIterator<Item = Priority>, priority: Priority) -> usize {
+        let mut at = 0;
+        for (i, w) in waiting.into_iter().enumerate() {
+            if w > priority {
+                return i;
+            }
+            at = i + 1;
+        }
+        at
+    }
+
+    /// How many of the `waiting` requests (tokens each would reserve and its
+    /// priority, in queue order) join now. Queue order is kept: a large
+    /// request at the head is not overtaken by smaller ones behind it, so
+    /// nobody waits forever. A request larger than the whole budget still
+    /// runs, alone. Background requests stop at `max_background` in the batch.
+    pub fn admit(&self, members: &[Member], waiting: &VecDeque<(usize, Priority)>) -> usize {
         let mut used: usize = members.iter().map(|m| m.reserved).sum();
+        let mut background = members.iter().filter(|m| m.priority == Priority::Background).count();
         let mut admitted = 0;
-        for &need in waiting {
+        for &(need, priority) in waiting {
             let n = members.len() + admitted;
             if n >= self.max_sequences || (n > 0 && used + need > self.max_batch_tokens) {
                 break;
+            }
+            if priority == Priority::Background {
+                if background >= self.max_background {
+                    break;
+                }
+                background += 1;
             }
             used += need;
             admitted += 1;
@@ -130,10 +169,12 @@ impl BatchPolicy {
 
 impl BatchPolicy {
     /// Whose prompt the next prompt pass reads (`members` in arrival order):
-    /// the shortest left, the oldest on a tie, unless an older one has been
-    /// overtaken `prompt_overtakes` times: then the oldest such one.
+    /// among the most urgent priority reading, the shortest left, the oldest
+    /// on a tie, unless an older one has been overtaken `prompt_overtakes`
+    /// times: then the oldest such one.
     pub fn prompt_to_read(&self, members: &[Member]) -> Option<usize> {
-        let reading = members.iter().enumerate().filter(|(_, m)| m.prompt_left > 0);
+        let top = members.iter().filter(|m| m.prompt_left > 0).map(|m| m.priority).min()?;
+        let reading = members.iter().enumerate().filter(|(_, m)| m.prompt_left > 0 && m.priority == top);
         if let Some((i, _)) = reading.clone().find(|(_, m)| m.overtaken >= self.prompt_overtakes) {
             return Some(i);
         }
@@ -141,15 +182,30 @@ impl BatchPolicy {
     }
 
     /// Each member's `overtaken` after a prompt pass read `read`'s prompt:
-    /// one more for the older members still reading, none for `read`.
+    /// one more for the older members of its priority still reading, none
+    /// for `read`. Background prompts wait for interactive ones without
+    /// counting it: they have no one waiting.
     pub fn overtaken_after(members: &[Member], read: usize) -> Vec<usize> {
         (0..members.len())
-            .map(|i| match i {
-                _ if i == read => 0,
-                _ if i < read && members[i].prompt_left > 0 => members[i].overtaken + 1,
-                _ => members[i].overtaken,
+            .map(|i| {
+                let m = &members[i];
+                match i {
+                    _ if i == read => 0,
+                    _ if i < read && m.prompt_left > 0 && m.priority == members[read].priority => m.overtaken + 1,
+                    _ => m.overtaken,
+                }
             })
             .collect()
+    }
+
+    /// Whether decode steps compete with prompt passes for the model's time
+    /// (`decode_share`): some sequence is generating whose priority is at
+    /// least that of the prompt read next. Background notes being written do
+    /// not hold up an interactive prompt; with no prompt waiting every
+    /// sequence generates.
+    pub fn decode_competes(&self, members: &[Member]) -> bool {
+        let bar = self.prompt_to_read(members).map_or(Priority::Background, |i| members[i].priority);
+        members.iter().any(|m| m.prompt_left == 0 && m.priority <= bar)
     }
 
     /// Drafted tokens each of `generating` sequences may check in one pass.
@@ -164,7 +220,7 @@ impl BatchPolicy {
 impl Scheduler {
     /// The next pass, or None when the batch is empty.
     pub fn next(&mut self, policy: &BatchPolicy, members: &[Member]) -> Option<Pass> {
-        let generating = members.iter().any(|m| m.prompt_left == 0);
+        let generating = policy.decode_competes(members);
         let reading = policy.prompt_to_read(members);
         let pass = match reading {
             Some(_) if generating && !self.owed.is_zero() => Pass::Decode,
@@ -184,8 +240,8 @@ impl Scheduler {
         Some(pass)
     }
 
-    /// Accounts a pass that took `took`, given whether sequences were
-    /// generating during it.
+    /// Accounts a pass that took `took`, given whether decode steps competed
+    /// with it (`BatchPolicy::decode_competes` before the pass).
     pub fn record(&mut self, policy: &BatchPolicy, pass: Pass, took: Duration, generating: bool) {
         match pass {
             Pass::Prompt { .. } if generating => {
@@ -203,23 +259,60 @@ mod tests {
     use super::*;
 
     fn reading(left: usize) -> Member {
-        Member { prompt_left: left, reserved: left + 100, overtaken: 0 }
+        Member { prompt_left: left, reserved: left + 100, overtaken: 0, priority: Priority::Interactive }
     }
     fn generating() -> Member {
-        Member { prompt_left: 0, reserved: 500, overtaken: 0 }
+        Member { prompt_left: 0, reserved: 500, overtaken: 0, priority: Priority::Interactive }
+    }
+    fn background(m: Member) -> Member {
+        Member { priority: Priority::Background, ..m }
     }
 
     #[test]
     fn admission_respects_sequence_and_token_budgets_in_arrival_order() {
         let p = BatchPolicy { max_sequences: 3, max_batch_tokens: 1000, ..Default::default() };
-        let q: VecDeque<usize> = [300, 300, 300, 300].into();
-        assert_eq!(p.admit(&[], &q), 3, "three fit the token budget and the sequence cap");
-        assert_eq!(p.admit(&[generating()], &q), 1, "500 reserved + 300; another 300 would pass 1000");
-        let q: VecDeque<usize> = [900, 10].into();
-        assert_eq!(p.admit(&[generating()], &q), 0, "the large head waits; the small one behind does not overtake");
-        let q: VecDeque<usize> = [5000].into();
-        assert_eq!(p.admit(&[], &q), 1, "over the budget, but alone it runs");
-        assert_eq!(p.admit(&[generating(), generating(), generating()], &[1].into()), 0);
+        let q = |needs: &[usize]| needs.iter().map(|&n| (n, Priority::Interactive)).collect::<VecDeque<_>>();
+        assert_eq!(p.admit(&[], &q(&[300, 300, 300, 300])), 3, "three fit the token budget and the sequence cap");
+        assert_eq!(p.admit(&[generating()], &q(&[300, 300, 300, 300])), 1, "500 reserved + 300; another 300 would pass 1000");
+        assert_eq!(p.admit(&[generating()], &q(&[900, 10])), 0, "the large head waits; the small one behind does not overtake");
+        assert_eq!(p.admit(&[], &q(&[5000])), 1, "over the budget, but alone it runs");
+        assert_eq!(p.admit(&[generating(), generating(), generating()], &q(&[1])), 0);
+    }
+
+    #[test]
+    fn background_requests_queue_behind_interactive_ones_and_keep_slots_free() {
+        use Priority::{Background as B, Interactive as I};
+        assert_eq!(BatchPolicy::queue_position([], I), 0);
+        assert_eq!(BatchPolicy::queue_position([I, I, B, B], I), 2, "behind the interactive, ahead of the background");
+        assert_eq!(BatchPolicy::queue_position([I, I, B, B], B), 4);
+        assert_eq!(BatchPolicy::queue_position([B, B], I), 0);
+        let p = BatchPolicy { max_sequences: 4, max_background: 2, ..Default::default() };
+        let bg = [background(generating()), background(generating())];
+        assert_eq!(p.admit(&bg, &[(10, B), (10, B)].into()), 0, "two background slots taken");
+        assert_eq!(p.admit(&bg, &[(10, I), (10, I), (10, I)].into()), 2, "the other two are for interactive work");
+        assert_eq!(p.admit(&[generating()], &[(10, B), (10, B), (10, B)].into()), 2);
+    }
+
+    #[test]
+    fn an_interactive_prompt_goes_before_background_work() {
+        let p = BatchPolicy { prompt_overtakes: 2, ..Default::default() };
+        // Read first, even when longer and younger; the background prompt is
+        // not counted as overtaken, however often.
+        let m = [background(Member { overtaken: 5, ..reading(80) }), reading(1040)];
+        assert_eq!(p.prompt_to_read(&m), Some(1));
+        assert_eq!(BatchPolicy::overtaken_after(&m, 1), [5, 0]);
+        assert_eq!(p.prompt_to_read(&[background(reading(80)), generating()]), Some(0), "alone, background prompts are read");
+        // Background notes being written do not take time from an interactive
+        // prompt; interactive ones do, and everything decodes once prompts are read.
+        let mut s = Scheduler::default();
+        let m = [background(generating()), reading(1040)];
+        assert!(!p.decode_competes(&m));
+        for _ in 0..3 {
+            assert!(matches!(s.next(&p, &m), Some(Pass::Prompt { member: 1, .. })));
+        }
+        assert!(p.decode_competes(&[generating(), reading(1040)]));
+        assert!(p.decode_competes(&[background(generating()), background(reading(1040))]));
+        assert_eq!(s.next(&p, &[background(generating()), generating()]), Some(Pass::Decode));
     }
 
     #[test]

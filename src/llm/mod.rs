@@ -76,11 +76,13 @@ pub struct GenerateParams {
     /// (1.0 = none); keeps small models out of loops without losing determinism.
     pub repeat_penalty: f32,
     pub repeat_last_n: usize,
+    /// Who waits for it: the model thread serves interactive requests first.
+    pub priority: batching::Priority,
 }
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        Self { max_new_tokens: 320, repeat_penalty: 1.1, repeat_last_n: 64 }
+        Self { max_new_tokens: 320, repeat_penalty: 1.1, repeat_last_n: 64, priority: batching::Priority::Interactive }
     }
 }
 

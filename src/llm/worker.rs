@@ -230,7 +230,8 @@ fn run(
             }
         }
         while let Ok(job) = rx.try_recv() {
-            waiting.push_back(job);
+            let at = BatchPolicy::queue_position(waiting.iter().map(|j| j.params.priority), job.params.priority);
+            waiting.insert(at, job);
         }
         // Callers that went away (client cancelled, deadline passed) leave now.
         waiting.retain(|j| {
@@ -248,9 +249,9 @@ fn run(
                 batch.push(m);
             }
         }
-        // Admission in arrival order under the sequence and token budgets.
+        // Admission in queue order under the sequence and token budgets.
         let view: Vec<_> = batch.iter().map(Member::view).collect();
-        let needs: VecDeque<usize> = waiting.iter().map(|j| j.prompt.len() + j.params.max_new_tokens).collect();
+        let needs: VecDeque<_> = waiting.iter().map(|j| (j.prompt.len() + j.params.max_new_tokens, j.params.priority)).collect();
         for _ in 0..policy.admit(&view, &needs) {
             let job = waiting.pop_front().expect("admitted from the queue");
             let queue = job.enqueued.elapsed();
@@ -264,6 +265,7 @@ fn run(
         }
         gauges.update(waiting.len(), batch.len(), llm.prefix_cache_bytes());
         let view: Vec<_> = batch.iter().map(Member::view).collect();
+        let generating = policy.decode_competes(&view);
         let Some(pass) = sched.next(&policy, &view) else { continue };
         let rows = match pass {
             Pass::Prompt { member, tokens } => {
@@ -281,7 +283,6 @@ fn run(
         };
         gauges.pass(pass, rows as u64);
         // A panic inside candle must not take the model thread down with it.
-        let generating = view.iter().any(|m| m.prompt_left == 0);
         let started = Instant::now();
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_pass(&mut llm, &mut batch, pass, &policy)))
             .unwrap_or_else(|_| Err(LlmError::Candle(candle_core::Error::Msg("inference panicked".into()))));
@@ -371,7 +372,7 @@ struct Member {
 
 impl Member {
     fn view(&self) -> batching::Member {
-        batching::Member { prompt_left: self.seq.prompt_left(), reserved: self.seq.reserved(), overtaken: self.overtaken }
+        batching::Member { prompt_left: self.seq.prompt_left(), reserved: self.seq.reserved(), overtaken: self.overtaken, priority: self.job.params.priority }
     }
 
     /// A streaming caller whose receiver is gone.

@@ -5,6 +5,7 @@ use crate::proto::v1 as pb;
 use crate::summarize::parse::Status as NoteStatus;
 use crate::summarize::faithful::FactKind;
 use crate::summarize::references::Reference;
+use crate::llm::batching::Priority;
 use crate::summarize::thread::{invalid, Message, Role, SummarizeInput, Thread};
 use super::classify::{classify_one, log_classified, to_classify_input, to_classify_response};
 use crate::intent::Intents;
@@ -28,13 +29,39 @@ pub struct AssistService {
     intents: Intents,
     admission: Arc<Semaphore>,
     max_concurrent: usize,
+    /// Background summaries' own slots.
+    background: Arc<Semaphore>,
+    max_background: usize,
     /// Requests a ClassifyIntentStream classifies at once.
     stream_window: usize,
 }
 
 impl AssistService {
-    pub fn new(summarizer: Summarizer, intents: Intents, max_concurrent: usize) -> Self {
-        Self { summarizer, intents, admission: Arc::new(Semaphore::new(max_concurrent)), max_concurrent, stream_window: 64 }
+    pub fn new(summarizer: Summarizer, intents: Intents, max_concurrent: usize, max_background: usize) -> Self {
+        Self {
+            summarizer,
+            intents,
+            admission: Arc::new(Semaphore::new(max_concurrent)),
+            max_concurrent,
+            background: Arc::new(Semaphore::new(max_background)),
+            max_background,
+            stream_window: 64,
+        }
+    }
+
+    /// A summary's slot: background ones have their own, so a bulk job never
+    /// takes an agent's.
+    fn admit_summary(&self, input: &SummarizeInput) -> Result<Admitted, Status> {
+        if input.priority != Priority::Background {
+            return self.admit();
+        }
+        let permit = self.background.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "server busy: all {} background summary slots are in use (--max-background-requests); retry later",
+                self.max_background
+            ))
+        })?;
+        Ok(Admitted { _permit: permit, _gauge: GaugeGuard::new(crate::metrics::global().in_flight.with(&["assist_background"])) })
     }
 
     /// Fails fast: an overloaded server says so rather than queueing without bound.
@@ -62,6 +89,11 @@ pub fn to_input(req: pb::SummarizeRequest) -> Result<SummarizeInput, SummarizeEr
         thread,
         language: (!req.language.trim().is_empty()).then(|| req.language.trim().to_string()),
         max_words: (req.max_words != 0).then_some(req.max_words),
+        priority: match pb::Priority::try_from(req.priority) {
+            Ok(pb::Priority::Unspecified | pb::Priority::Interactive) => Priority::Interactive,
+            Ok(pb::Priority::Background) => Priority::Background,
+            Err(_) => return Err(invalid("priority", format!("unknown value {}: expected 0, 1 (INTERACTIVE) or 2 (BACKGROUND)", req.priority))),
+        },
     })
 }
 
@@ -177,7 +209,7 @@ type ChunkStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::SummarizeC
 impl pb::assist_server::Assist for AssistService {
     async fn summarize(&self, req: Request<pb::SummarizeRequest>) -> Result<Response<pb::SummarizeResponse>, Status> {
         let input = self.input(req.into_inner())?;
-        let _permit = self.admit()?;
+        let _permit = self.admit_summary(&input)?;
         // Dropping this future (client cancelled, deadline passed) stops the generation.
         let summary = self.summarizer.summarize(input, None).await?;
         log_done(&summary);
@@ -213,7 +245,7 @@ impl pb::assist_server::Assist for AssistService {
 
     async fn summarize_stream(&self, req: Request<pb::SummarizeRequest>) -> Result<Response<ChunkStream>, Status> {
         let input = self.input(req.into_inner())?;
-        let permit = self.admit()?;
+        let permit = self.admit_summary(&input)?;
         let summarizer = self.summarizer.clone();
         let thread_id = input.thread.id.clone();
         let (tx, rx) = mpsc::channel::<Result<pb::SummarizeChunk, Status>>(64);
@@ -314,7 +346,7 @@ impl AssistService {
 
     async fn analyze_impl(&self, req: pb::AnalyzeRequest) -> Result<pb::AnalyzeResponse, Status> {
         let started = std::time::Instant::now();
-        let summarize = to_input(pb::SummarizeRequest { thread: req.thread, language: req.language, max_words: req.max_words })?;
+        let summarize = to_input(pb::SummarizeRequest { thread: req.thread, language: req.language, max_words: req.max_words, ..Default::default() })?;
         let classify = crate::intent::ClassifyInput {
             source: crate::intent::Source::Thread(summarize.thread.clone()),
             taxonomy: Some(req.taxonomy).filter(|t| !t.is_empty()),

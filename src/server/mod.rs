@@ -36,6 +36,8 @@ pub enum ServerError {
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub max_concurrent_requests: usize,
+    /// Admission slots of background summaries, apart from the others.
+    pub max_background_requests: usize,
     pub max_request_bytes: usize,
     /// Registered (or confirmed unchanged) once the encoder is loaded.
     pub startup_taxonomies: Vec<Taxonomy>,
@@ -98,7 +100,7 @@ pub async fn serve(
                 other => tracing::error!(state = ?other, "summarizer unavailable; Assist stays NOT_SERVING"),
             }
         });
-        let assist = AssistServer::new(AssistService::new(summarizer, intents.clone(), opts.max_concurrent_requests))
+        let assist = AssistServer::new(AssistService::new(summarizer, intents.clone(), opts.max_concurrent_requests, opts.max_background_requests))
             .max_decoding_message_size(opts.max_request_bytes);
         let taxonomies = TaxonomiesServer::new(TaxonomiesService::new(intents)).max_decoding_message_size(opts.max_request_bytes);
         router = router.add_service(assist).add_service(taxonomies);

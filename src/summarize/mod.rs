@@ -209,6 +209,7 @@ struct Prepared {
     support: faithful::Support,
     references: Vec<references::Reference>,
     max_words: u32,
+    priority: crate::llm::batching::Priority,
 }
 
 impl Summarizer {
@@ -335,6 +336,7 @@ impl Summarizer {
             support,
             references: references::from_facts(msgs, &facts),
             max_words: input.max_words.unwrap_or(self.cfg.default_max_words),
+            priority: input.priority,
         })
     }
 
@@ -361,7 +363,7 @@ impl Summarizer {
             .map_err(|e| SummarizeError::Internal(format!("tokenizer: {e}")))?;
         let tok_ms = t.elapsed().as_secs_f64() * 1e3;
 
-        let params = GenerateParams { max_new_tokens: self.cfg.max_new_tokens, ..GenerateParams::default() };
+        let params = GenerateParams { max_new_tokens: self.cfg.max_new_tokens, priority: p.priority, ..GenerateParams::default() };
         // A helpdesk summarises the same thread again after each message: its
         // cached prompt lets the model read only what is new.
         let conversation = (!thread_id.is_empty()).then(|| thread_id.to_string());

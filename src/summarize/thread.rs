@@ -48,6 +48,8 @@ pub struct SummarizeInput {
     /// BCP-47 tag asked for, if any.
     pub language: Option<String>,
     pub max_words: Option<u32>,
+    /// Interactive (an agent waits) or background (a note prepared ahead).
+    pub priority: crate::llm::batching::Priority,
 }
 
 /// 2000-01-01T00:00:00Z: nothing in a helpdesk is older.
@@ -129,7 +131,7 @@ mod tests {
         Message { id: String::new(), role, sent_at: t, text: text.into(), channel: String::new() }
     }
     fn input(messages: Vec<Message>) -> SummarizeInput {
-        SummarizeInput { thread: Thread { id: "t".into(), messages }, language: None, max_words: None }
+        SummarizeInput { thread: Thread { id: "t".into(), messages }, language: None, max_words: None, priority: Default::default() }
     }
     const NOW: i64 = 1_763_700_000;
 

@@ -114,7 +114,7 @@ impl TestServer {
 }
 
 pub fn default_opts() -> ServeOptions {
-    ServeOptions { max_concurrent_requests: 64, max_request_bytes: 4 << 20, startup_taxonomies: Vec::new() }
+    ServeOptions { max_concurrent_requests: 64, max_background_requests: 64, max_request_bytes: 4 << 20, startup_taxonomies: Vec::new() }
 }
 
 fn next_id() -> usize {

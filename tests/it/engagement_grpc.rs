@@ -24,7 +24,7 @@ fn start(db: &Path) -> std::net::SocketAddr {
             let e = Engagement::open(Arc::new(RedbStore::open(&db).unwrap()), EngagementConfig::default()).unwrap();
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(listener.local_addr().unwrap()).unwrap();
-            let opts = ServeOptions { max_concurrent_requests: 64, max_request_bytes: 4 << 20, startup_taxonomies: vec![] };
+            let opts = ServeOptions { max_concurrent_requests: 64, max_background_requests: 64, max_request_bytes: 4 << 20, startup_taxonomies: vec![] };
             server::serve(listener, server::Services { assist: None, engagement: Some(e) }, opts, std::future::pending()).await.unwrap();
         });
     });

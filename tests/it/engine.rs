@@ -328,6 +328,54 @@ fn a_short_prompt_is_read_before_a_long_one_unless_arrival_order_is_asked() {
     }
 }
 
+/// An interactive request that comes second is read and answered before a
+/// background one that came first (and was already being read); two
+/// interactive ones keep their order.
+#[test]
+fn an_interactive_request_goes_before_background_work() {
+    use palaver::llm::batching::Priority;
+    let files = llm_files(models::FIXTURE_LLM);
+    let tok = Llm::load(&files, &Device::Cpu, 0).unwrap();
+    let chat = |order: u32| prompt(&tok, &format!("Customer: my order {order} has not arrived and nobody answers my e-mails.\n").repeat(40));
+    let (first, second) = (chat(48213), chat(771045));
+    assert!(first.len() > 600 && second.len() >= first.len(), "{} {}", first.len(), second.len());
+    drop(tok);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    for first_priority in [Priority::Background, Priority::Interactive] {
+        let order = rt.block_on(async {
+            let opts = palaver::llm::LlmOptions {
+                prefix_cache_bytes: Some(0),
+                batch: palaver::llm::batching::BatchPolicy { prompt_chunk: 128, ..Default::default() },
+            };
+            let llm = palaver::llm::LlmHandle::spawn(files.clone(), Device::Cpu, opts).unwrap();
+            llm.wait_loaded().await;
+            let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let run = |prompt: Vec<u32>, priority, name: &'static str| {
+                let (llm, events) = (llm.clone(), events.clone());
+                async move {
+                    let params = GenerateParams { max_new_tokens: 8, priority, ..Default::default() };
+                    let g = llm.generate(prompt, None, params, None).await;
+                    events.lock().unwrap().push(name);
+                    g
+                }
+            };
+            let a = tokio::spawn(run(first.clone(), first_priority, "first"));
+            // The first is admitted and being read when the second comes.
+            while llm.in_flight() == 0 {
+                tokio::task::yield_now().await;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let b = tokio::spawn(run(second.clone(), Priority::Interactive, "second"));
+            a.await.unwrap().unwrap();
+            b.await.unwrap().unwrap();
+            let order = events.lock().unwrap().clone();
+            order
+        });
+        let expected = if first_priority == Priority::Background { ["second", "first"] } else { ["first", "second"] };
+        assert_eq!(order, expected, "first request {first_priority:?}");
+    }
+}
+
 /// Where prompt rows are exact (AVX-512 VNNI: palaver's int8 GEMM for the
 /// SmolLM2 fixture, its Q4_K and Q6_K kernels for the 1.5B summarizer),
 /// a prompt read in chunks of any size, as the scheduler and prefix reuse read

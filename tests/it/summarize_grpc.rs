@@ -29,8 +29,7 @@ fn thread(id: &str, turns: &[(pb::Role, &str)]) -> pb::SummarizeRequest {
             thread_id: id.into(),
             messages: turns.iter().enumerate().map(|(i, (r, t))| msg(i, *r, t)).collect(),
         }),
-        language: String::new(),
-        max_words: 0,
+        ..Default::default()
     }
 }
 
@@ -281,10 +280,11 @@ async fn overload_fails_fast_and_cancellation_frees_the_slot() {
     );
     s.wait_serving().await;
     let req = thread("busy", &[(Customer, "Please write me a very long story about my lost parcel."), (Agent, "Sure.")]);
-    // Hold the only slot with a stream that is generating.
+    // Hold the only slot with a stream that is generating: past the preview,
+    // the first text is sent as the request goes to the model.
     let mut client = s.client().await;
     let mut stream = client.summarize_stream(req.clone()).await.expect("stream").into_inner();
-    stream.message().await.expect("first chunk").expect("chunk");
+    while !matches!(stream.message().await.expect("chunk").expect("a chunk").chunk, Some(Chunk::TextDelta(_))) {}
     let err = s.client().await.summarize(req.clone()).await.expect_err("must be refused");
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("--max-concurrent-requests"), "{}", err.message());
@@ -310,6 +310,34 @@ async fn overload_fails_fast_and_cancellation_frees_the_slot() {
         }
     }
     assert!(freed, "the cancelled request kept its slot");
+}
+
+#[tokio::test]
+async fn background_summaries_have_their_own_slots() {
+    let s = TestServer::start(
+        llm_files(models::FIXTURE_LLM),
+        SummarizeConfig::default(),
+        ServeOptions { max_concurrent_requests: 1, max_background_requests: 1, ..common::default_opts() },
+    );
+    s.wait_serving().await;
+    let req = thread("bulk", &[(Customer, "Please write me a very long story about my lost parcel."), (Agent, "Sure.")]);
+    let background = pb::SummarizeRequest { priority: pb::Priority::Background as i32, ..req.clone() };
+    // A background summary holds the only background slot...
+    let mut client = s.client().await;
+    let mut stream = client.summarize_stream(background.clone()).await.expect("stream").into_inner();
+    stream.message().await.expect("first chunk").expect("chunk");
+    let err = s.client().await.summarize(background.clone()).await.expect_err("a second background one must be refused");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("--max-background-requests"), "{}", err.message());
+    // ...but not the agent's: an interactive summary is admitted and answered.
+    let r = s.client().await.summarize(req.clone()).await.expect("interactive summary").into_inner();
+    assert_eq!(r.thread_id, "bulk");
+    drop(stream);
+    // An unknown priority names the field.
+    let bad = pb::SummarizeRequest { priority: 7, ..req };
+    let err = s.client().await.summarize(bad).await.expect_err("unknown priority");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("priority: ") && err.message().contains("BACKGROUND"), "{}", err.message());
 }
 
 #[tokio::test]
