@@ -11,6 +11,10 @@
 //!   CLIENTS=4 RESUMMARISE=2 cargo bench --bench summary_load
 //!       # also 2 threads re-summarised after a new message, sent DELAY_S (default 3) s into the
 //!       # burst; PROMPT_OVERTAKES=0 reads prompts in arrival order (`--prompt-overtakes`, default 4)
+//!   CLIENTS=4 BURST_PRIORITY=background LATE_NEW=1 cargo bench --bench summary_load
+//!       # the burst sent as background work (`priority`), and 1 new thread DELAY_S into it as an
+//!       # agent's request; BURST_PRIORITY=interactive (the default) for the same load without priorities;
+//!       # BACKGROUND_RIDERS=n (`--background-riders`, default 0)
 
 mod common;
 
@@ -51,9 +55,19 @@ async fn main() {
     let clients: usize = std::env::var("CLIENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
     let tokens: usize = std::env::var("TOKENS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
     let resummarise: usize = std::env::var("RESUMMARISE").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let late_new: usize = std::env::var("LATE_NEW").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let burst_priority = match std::env::var("BURST_PRIORITY").as_deref() {
+        Ok("background") => pb::Priority::Background,
+        Ok("interactive") | Err(_) => pb::Priority::Interactive,
+        Ok(other) => panic!("BURST_PRIORITY={other}: expected background or interactive"),
+    };
     let delay = Duration::from_secs_f64(std::env::var("DELAY_S").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0));
     let mut llm = LlmOptions::default();
-    llm.batch.max_sequences = (clients + resummarise).max(1);
+    llm.batch.max_sequences = (clients + resummarise + late_new).max(1);
+    llm.batch.max_background = llm.batch.max_background.max(clients);
+    if let Some(n) = std::env::var("BACKGROUND_RIDERS").ok().and_then(|s| s.parse().ok()) {
+        llm.batch.background_riders = n;
+    }
     if let Some(share) = std::env::var("DECODE_SHARE").ok().and_then(|s| s.parse().ok()) {
         llm.batch.decode_share = share;
     }
@@ -80,7 +94,7 @@ async fn main() {
         }
     }
     println!(
-        "Summarize on {addr}, model {summarizer}, {clients} clients, ~{tokens}-token threads, decode share {share}, prompt overtakes {overtakes}"
+        "Summarize on {addr}, model {summarizer}, {clients} clients ({burst_priority:?}), ~{tokens}-token threads, decode share {share}, prompt overtakes {overtakes}"
     );
     // Solo: each thread alone, for the latency ratio.
     let mut solo = Vec::new();
@@ -111,6 +125,37 @@ async fn main() {
         solo_re = Some(started.elapsed().as_secs_f64());
         println!("re-summarised alone: {:.1} s, {} of {} prompt tokens reused", solo_re.unwrap(), tk.reused_prompt_tokens, tk.prompt_tokens);
     }
+    // Agents' requests that come DELAY_S into the burst: grown threads to
+    // re-summarise, new threads never seen.
+    let late: Vec<_> = (0..late_new)
+        .map(|i| {
+            let t = palaver::eval::long_thread(&dialogs, (clients + resummarise + 1 + i) * 37, tokens, count);
+            (format!("late-{i}"), t)
+        })
+        .collect();
+    let late_tasks: Vec<_> = late
+        .into_iter()
+        .map(|(id, t)| {
+            let mut c = AssistClient::new(ch.clone());
+            let req = request(&t, &id);
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let t = Instant::now();
+                let r = c.summarize(req).await.expect("late summary").into_inner();
+                let (tm, tk) = (r.timings.unwrap_or_default(), r.tokens.unwrap_or_default());
+                println!(
+                    "  late: queue {:.1} s, prompt {:.1} s ({} tokens, {} reused), generation {:.1} s ({} tokens)",
+                    tm.queue_ms / 1e3,
+                    tm.prompt_ms / 1e3,
+                    tk.prompt_tokens,
+                    tk.reused_prompt_tokens,
+                    tm.generation_ms / 1e3,
+                    tk.generated_tokens
+                );
+                t.elapsed().as_secs_f64()
+            })
+        })
+        .collect();
     let re_tasks: Vec<_> = grown
         .into_iter()
         .map(|(id, g)| {
@@ -130,7 +175,7 @@ async fn main() {
         .enumerate()
         .map(|(i, t)| {
             let mut c = AssistClient::new(ch.clone());
-            let req = request(t, &format!("load-{i}"));
+            let req = pb::SummarizeRequest { priority: burst_priority as i32, ..request(t, &format!("load-{i}")) };
             // Streamed, to time what an agent sees first: the preview (the
             // thread's references, before the model), the first words, the note.
             tokio::spawn(async move {
@@ -191,6 +236,17 @@ async fn main() {
         pct(&firsts, 0.5),
         pct(&firsts, 0.95)
     );
+    if late_new > 0 {
+        let mut shown = Vec::new();
+        for t in late_tasks {
+            shown.push(format!("{:.1} s", t.await.unwrap()));
+        }
+        println!(
+            "{late_new} new thread(s) sent {:.0} s into the {burst_priority:?} burst: {} (alone: {solo_mean:.1} s)",
+            delay.as_secs_f64(),
+            shown.join(", ")
+        );
+    }
     if let Some(solo_re) = solo_re {
         let mut re = Vec::new();
         for t in re_tasks {

@@ -200,11 +200,18 @@ pub struct SummarizeArgs {
 
     /// Background summaries in the batch at once; the other slots of
     /// `--max-batch-sequences` stay free for requests an agent waits for.
-    /// Background prompts are read only when no interactive one waits. Higher
-    /// finishes bulk work sooner when agents are idle; an agent's request
-    /// then shares each decode step with more rows.
+    /// Background prompts are read only while no interactive request is being
+    /// read or written. Higher finishes bulk work sooner when agents are idle,
+    /// at the memory of more KV caches.
     #[arg(long, env = "PALAVER_MAX_BACKGROUND_SEQUENCES", default_value_t = BatchPolicy::default().max_background)]
     pub max_background_sequences: usize,
+
+    /// Background notes stepped beside an agent's in the same decode pass.
+    /// 0 (default) pauses them while an agent's note is written: past a few
+    /// rows a pass is bound by compute, and every extra row slows the agent's
+    /// tokens. Higher keeps bulk work moving under steady agent traffic.
+    #[arg(long, env = "PALAVER_BACKGROUND_RIDERS", default_value_t = BatchPolicy::default().background_riders)]
+    pub background_riders: usize,
 }
 
 impl SummarizeArgs {
@@ -221,6 +228,7 @@ impl SummarizeArgs {
                 prefill_draft: self.prefill_draft,
                 prompt_overtakes: self.prompt_overtakes,
                 max_background: self.max_background_sequences,
+                background_riders: self.background_riders,
                 ..BatchPolicy::default()
             },
         }

@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Prepare the models (first run only) and serve gRPC.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Download, verify and prepare models.
     Models {
         #[command(subcommand)]
@@ -211,7 +211,7 @@ fn main() -> Result<()> {
     palaver::cpu::keep_freed_memory();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     match cli.command {
-        Command::Serve(args) => rt.block_on(serve(args)),
+        Command::Serve(args) => rt.block_on(serve(*args)),
         Command::Models { command: ModelsCommand::Fetch { names, force, model } } => {
             let manifest = Manifest::embedded()?;
             let names: Vec<&str> = if names.is_empty() {

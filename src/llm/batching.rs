@@ -61,9 +61,16 @@ pub struct BatchPolicy {
     /// threads; each overtake delays the longer prompt by one short pass.
     pub prompt_overtakes: usize,
     /// Background sequences in the batch at once: the slots left are kept
-    /// for requests someone waits for. Background work only runs in time
-    /// that interactive prompts do not need.
+    /// for requests someone waits for. Background prompts are read only
+    /// while no interactive request is being read or written.
     pub max_background: usize,
+    /// Background sequences stepped in a decode pass that steps interactive
+    /// ones too. Each extra row slows the agents' tokens (a 5-row pass of
+    /// the 1.5B costs 1.65x one row on 2 cores; an agent's note came in 10.4
+    /// s with 0 and 15.7 s with every background row riding, BENCHMARKS.md);
+    /// with 0 background notes pause while an agent's is written. With no
+    /// interactive sequence generating, every background one is stepped.
+    pub background_riders: usize,
 }
 
 impl Default for BatchPolicy {
@@ -79,6 +86,7 @@ impl Default for BatchPolicy {
             prefill_draft: 64,
             prompt_overtakes: 4,
             max_background: 4,
+            background_riders: 0,
         }
     }
 }
@@ -171,9 +179,13 @@ impl BatchPolicy {
     /// Whose prompt the next prompt pass reads (`members` in arrival order):
     /// among the most urgent priority reading, the shortest left, the oldest
     /// on a tie, unless an older one has been overtaken `prompt_overtakes`
-    /// times: then the oldest such one.
+    /// times: then the oldest such one. No background prompt while an
+    /// interactive sequence generates: its tokens would wait for the pass.
     pub fn prompt_to_read(&self, members: &[Member]) -> Option<usize> {
         let top = members.iter().filter(|m| m.prompt_left > 0).map(|m| m.priority).min()?;
+        if top == Priority::Background && members.iter().any(|m| m.prompt_left == 0 && m.priority == Priority::Interactive) {
+            return None;
+        }
         let reading = members.iter().enumerate().filter(|(_, m)| m.prompt_left > 0 && m.priority == top);
         if let Some((i, _)) = reading.clone().find(|(_, m)| m.overtaken >= self.prompt_overtakes) {
             return Some(i);
@@ -206,6 +218,25 @@ impl BatchPolicy {
     pub fn decode_competes(&self, members: &[Member]) -> bool {
         let bar = self.prompt_to_read(members).map_or(Priority::Background, |i| members[i].priority);
         members.iter().any(|m| m.prompt_left == 0 && m.priority <= bar)
+    }
+
+    /// Which members a decode pass steps: every interactive one generating,
+    /// and up to `background_riders` background ones (the oldest) beside
+    /// them; every background one when no interactive one generates.
+    pub fn stepped(&self, members: &[Member]) -> Vec<bool> {
+        let interactive = members.iter().any(|m| m.prompt_left == 0 && m.priority == Priority::Interactive);
+        let mut riders = if interactive { self.background_riders } else { usize::MAX };
+        members
+            .iter()
+            .map(|m| match (m.prompt_left, m.priority) {
+                (0, Priority::Interactive) => true,
+                (0, Priority::Background) if riders > 0 => {
+                    riders -= 1;
+                    true
+                }
+                _ => false,
+            })
+            .collect()
     }
 
     /// Drafted tokens each of `generating` sequences may check in one pass.
@@ -301,7 +332,8 @@ mod tests {
         let m = [background(Member { overtaken: 5, ..reading(80) }), reading(1040)];
         assert_eq!(p.prompt_to_read(&m), Some(1));
         assert_eq!(BatchPolicy::overtaken_after(&m, 1), [5, 0]);
-        assert_eq!(p.prompt_to_read(&[background(reading(80)), generating()]), Some(0), "alone, background prompts are read");
+        assert_eq!(p.prompt_to_read(&[background(reading(80)), background(generating())]), Some(0), "alone, background prompts are read");
+        assert_eq!(p.prompt_to_read(&[background(reading(80)), generating()]), None, "not while an agent's note is written");
         // Background notes being written do not take time from an interactive
         // prompt; interactive ones do, and everything decodes once prompts are read.
         let mut s = Scheduler::default();
@@ -313,6 +345,15 @@ mod tests {
         assert!(p.decode_competes(&[generating(), reading(1040)]));
         assert!(p.decode_competes(&[background(generating()), background(reading(1040))]));
         assert_eq!(s.next(&p, &[background(generating()), generating()]), Some(Pass::Decode));
+    }
+
+    #[test]
+    fn background_notes_ride_along_only_as_far_as_allowed() {
+        let p = BatchPolicy { background_riders: 1, ..Default::default() };
+        let bg = background(generating());
+        assert_eq!(p.stepped(&[bg, generating(), bg, reading(10)]), [true, true, false, false], "the oldest rides");
+        assert_eq!(BatchPolicy::default().stepped(&[bg, generating(), bg]), [false, true, false]);
+        assert_eq!(BatchPolicy::default().stepped(&[bg, reading(10), bg]), [true, false, true], "no agent's note: all step");
     }
 
     #[test]

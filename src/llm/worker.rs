@@ -267,6 +267,8 @@ fn run(
         let view: Vec<_> = batch.iter().map(Member::view).collect();
         let generating = policy.decode_competes(&view);
         let Some(pass) = sched.next(&policy, &view) else { continue };
+        // The members a decode pass would step.
+        let stepped = policy.stepped(&view);
         let rows = match pass {
             Pass::Prompt { member, tokens } => {
                 for (m, n) in batch.iter_mut().zip(BatchPolicy::overtaken_after(&view, member)) {
@@ -275,7 +277,7 @@ fn run(
                 tokens
             }
             Pass::Decode => {
-                let rows = view.iter().filter(|m| m.prompt_left == 0).count();
+                let rows = stepped.iter().filter(|&&s| s).count();
                 counters.decode_passes.fetch_add(1, Ordering::Relaxed);
                 counters.decode_rows.fetch_add(rows as u64, Ordering::Relaxed);
                 rows
@@ -284,12 +286,12 @@ fn run(
         gauges.pass(pass, rows as u64);
         // A panic inside candle must not take the model thread down with it.
         let started = Instant::now();
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_pass(&mut llm, &mut batch, pass, &policy)))
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_pass(&mut llm, &mut batch, pass, &policy, &stepped)))
             .unwrap_or_else(|_| Err(LlmError::Candle(candle_core::Error::Msg("inference panicked".into()))));
         sched.record(&policy, pass, started.elapsed(), generating);
         let in_pass = |i: usize| match pass {
             Pass::Prompt { member, .. } => i == member,
-            Pass::Decode => batch[i].seq.prompt_left() == 0,
+            Pass::Decode => stepped[i],
         };
         if let Err(e) = outcome {
             // The pass failed: its sequences end with the error, the others go on.
@@ -387,7 +389,7 @@ impl Member {
     }
 }
 
-fn run_pass(llm: &mut Llm, batch: &mut [Member], pass: Pass, policy: &BatchPolicy) -> Result<(), LlmError> {
+fn run_pass(llm: &mut Llm, batch: &mut [Member], pass: Pass, policy: &BatchPolicy, stepped: &[bool]) -> Result<(), LlmError> {
     match pass {
         Pass::Prompt { member, tokens } => {
             let m = &mut batch[member];
@@ -395,7 +397,7 @@ fn run_pass(llm: &mut Llm, batch: &mut [Member], pass: Pass, policy: &BatchPolic
             m.emit(piece);
         }
         Pass::Decode => {
-            let mut members: Vec<&mut Member> = batch.iter_mut().filter(|m| m.seq.prompt_left() == 0).collect();
+            let mut members: Vec<&mut Member> = batch.iter_mut().zip(stepped).filter(|(_, &s)| s).map(|(m, _)| m).collect();
             let mut seqs: Vec<&mut Sequence> = members.iter_mut().map(|m| &mut m.seq).collect();
             let draft = policy.draft_per_sequence(seqs.len());
             let pieces = llm.decode(&mut seqs, draft)?;
