@@ -24,6 +24,15 @@ struct Admitted {
     _gauge: GaugeGuard,
 }
 
+impl Admitted {
+    /// A slot of `slots`, counted under `service`; none free: RESOURCE_EXHAUSTED saying `why`.
+    fn take(slots: &Arc<Semaphore>, service: &str, why: impl FnOnce() -> String) -> Result<Self, Status> {
+        let permit =
+            slots.clone().try_acquire_owned().map_err(|_| Status::resource_exhausted(format!("server busy: {}; retry later", why())))?;
+        Ok(Self { _permit: permit, _gauge: GaugeGuard::new(crate::metrics::global().in_flight.with(&[service])) })
+    }
+}
+
 pub struct AssistService {
     summarizer: Summarizer,
     intents: Intents,
@@ -52,27 +61,19 @@ impl AssistService {
     /// A summary's slot: background ones have their own, so a bulk job never
     /// takes an agent's.
     fn admit_summary(&self, input: &SummarizeInput) -> Result<Admitted, Status> {
-        if input.priority != Priority::Background {
-            return self.admit();
+        match input.priority {
+            Priority::Background => {
+                Admitted::take(&self.background, "assist_background", || {
+                    format!("all {} background summary slots are in use (--max-background-requests)", self.max_background)
+                })
+            }
+            Priority::Interactive => self.admit(),
         }
-        let permit = self.background.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "server busy: all {} background summary slots are in use (--max-background-requests); retry later",
-                self.max_background
-            ))
-        })?;
-        Ok(Admitted { _permit: permit, _gauge: GaugeGuard::new(crate::metrics::global().in_flight.with(&["assist_background"])) })
     }
 
     /// Fails fast: an overloaded server says so rather than queueing without bound.
     fn admit(&self) -> Result<Admitted, Status> {
-        let permit = self.admission.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "server busy: all {} request slots are in use (--max-concurrent-requests); retry later",
-                self.max_concurrent
-            ))
-        })?;
-        Ok(Admitted { _permit: permit, _gauge: GaugeGuard::new(crate::metrics::global().in_flight.with(&["assist"])) })
+        Admitted::take(&self.admission, "assist", || format!("all {} request slots are in use (--max-concurrent-requests)", self.max_concurrent))
     }
 
     fn input(&self, req: pb::SummarizeRequest) -> Result<SummarizeInput, Status> {
