@@ -5,7 +5,7 @@
 //! whose caller went away (client cancelled, deadline passed) leaves the queue
 //! or the batch at the next pass.
 
-use super::batching::{self, BatchPolicy, Pass, Scheduler};
+use super::batching::{self, BatchPolicy, Pass, Priority, Scheduler};
 use super::{GenerateParams, Generation, Llm, LlmError, Sequence};
 use std::collections::VecDeque;
 use crate::metrics;
@@ -52,8 +52,9 @@ struct Counters {
     failed: AtomicU64,
     decode_passes: AtomicU64,
     decode_rows: AtomicU64,
-    /// Generations asked of this handle and not yet answered (queued or running).
-    in_flight: AtomicU64,
+    /// Generations asked of this handle and not yet answered (queued or
+    /// running), by priority (interactive, background).
+    in_flight: [AtomicU64; 2],
 }
 
 /// Counts a generation as in flight until its caller has the answer or left.
@@ -157,10 +158,16 @@ impl LlmHandle {
         self.state.borrow().clone()
     }
 
-    /// Generations the model thread holds now, queued or running: how much
-    /// work a new request finds ahead of it.
+    /// Generations the model thread holds now, queued or running.
     pub fn in_flight(&self) -> u64 {
-        self.counters.in_flight.load(Ordering::Relaxed)
+        self.counters.in_flight.iter().map(|n| n.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Of those, the ones a new request of `priority` finds ahead of it:
+    /// those of its priority or a more urgent one.
+    pub fn ahead_of(&self, priority: Priority) -> u64 {
+        let n = |p: Priority| self.counters.in_flight[p as usize].load(Ordering::Relaxed);
+        n(Priority::Interactive) + if priority == Priority::Background { n(Priority::Background) } else { 0 }
     }
 
     /// Resolves once the model is loaded or has failed to load.
@@ -181,7 +188,7 @@ impl LlmHandle {
             ModelState::Loading => return Err(LlmError::NotReady),
             ModelState::Failed(e) => return Err(LlmError::LoadFailed(e)),
         }
-        let _counted = InFlight::enter(&self.counters.in_flight);
+        let _counted = InFlight::enter(&self.counters.in_flight[params.priority as usize]);
         let (reply, rx) = oneshot::channel();
         let job = GenerateJob { prompt, conversation, params, stream, enqueued: Instant::now(), reply };
         self.tx.send(job).map_err(|_| LlmError::WorkerGone)?;

@@ -191,7 +191,8 @@ pub struct Preview {
     /// As in the final response, with `in_summary` false (no note yet).
     pub references: Vec<references::Reference>,
     /// Summaries the model thread held, queued or being written, when this
-    /// one was ready for it: how much work is ahead.
+    /// one was ready for it, of its priority or a more urgent one: how much
+    /// work is ahead of it.
     pub ahead: u64,
 }
 
@@ -259,7 +260,7 @@ impl Summarizer {
                 language: prepared.language.clone(),
                 coverage: prepared.coverage.clone(),
                 references: prepared.references.clone(),
-                ahead: self.llm.in_flight(),
+                ahead: self.llm.ahead_of(prepared.priority),
             };
             let _ = s.send(StreamEvent::Preview(Box::new(preview)));
         }

@@ -255,7 +255,7 @@ fn batched_generation_gives_each_request_the_tokens_it_gets_alone() {
         let mut runs = Box::pin(futures_util::future::join_all(runs));
         // One poll queues all five; each counts as in flight until answered.
         assert!((&mut runs).now_or_never().is_none());
-        assert_eq!(llm.in_flight(), 5);
+        assert_eq!((llm.in_flight(), llm.ahead_of(palaver::llm::batching::Priority::Interactive)), (5, 5));
         let together = runs.await;
         assert_eq!(llm.in_flight(), 0);
         for (i, (g, a)) in together.into_iter().zip(&alone).enumerate() {
@@ -264,10 +264,13 @@ fn batched_generation_gives_each_request_the_tokens_it_gets_alone() {
         let s = llm.stats();
         assert_eq!(s.completed, 5);
         assert!(s.decode_rows > s.decode_passes, "sequences shared decode steps: {s:?}");
-        // A caller that leaves stops counting at once.
-        let mut gone = Box::pin(llm.generate(prompts[0].clone(), None, params.clone(), None));
+        // A caller that leaves stops counting at once. A background request
+        // is ahead of background ones only.
+        use palaver::llm::batching::Priority;
+        let background = GenerateParams { priority: Priority::Background, ..params.clone() };
+        let mut gone = Box::pin(llm.generate(prompts[0].clone(), None, background, None));
         assert!((&mut gone).now_or_never().is_none());
-        assert_eq!(llm.in_flight(), 1);
+        assert_eq!((llm.in_flight(), llm.ahead_of(Priority::Interactive), llm.ahead_of(Priority::Background)), (1, 0, 1));
         drop(gone);
         assert_eq!(llm.in_flight(), 0);
     });
