@@ -44,6 +44,28 @@ fn request(t: &palaver::summarize::thread::SummarizeInput, id: &str) -> pb::Summ
     pb::SummarizeRequest { thread: Some(pb::Thread { thread_id: t.thread.id, messages }), ..Default::default() }
 }
 
+/// Sends `req` after `delay`; resolves to its latency, and prints the
+/// response's own timings under `label`.
+fn send_later(ch: &Channel, req: pb::SummarizeRequest, delay: Duration, label: &'static str) -> tokio::task::JoinHandle<f64> {
+    let mut c = AssistClient::new(ch.clone());
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let t = Instant::now();
+        let r = c.summarize(req).await.expect(label).into_inner();
+        let (tm, tk) = (r.timings.unwrap_or_default(), r.tokens.unwrap_or_default());
+        println!(
+            "  {label}: queue {:.1} s, prompt {:.1} s ({} tokens, {} reused), generation {:.1} s ({} tokens)",
+            tm.queue_ms / 1e3,
+            tm.prompt_ms / 1e3,
+            tk.prompt_tokens,
+            tk.reused_prompt_tokens,
+            tm.generation_ms / 1e3,
+            tk.generated_tokens
+        );
+        t.elapsed().as_secs_f64()
+    })
+}
+
 fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
@@ -125,50 +147,15 @@ async fn main() {
         solo_re = Some(started.elapsed().as_secs_f64());
         println!("re-summarised alone: {:.1} s, {} of {} prompt tokens reused", solo_re.unwrap(), tk.reused_prompt_tokens, tk.prompt_tokens);
     }
-    // Agents' requests that come DELAY_S into the burst: grown threads to
-    // re-summarise, new threads never seen.
-    let late: Vec<_> = (0..late_new)
+    // Agents' requests that come DELAY_S into the burst: new threads never
+    // seen, grown threads to re-summarise.
+    let late_tasks: Vec<_> = (0..late_new)
         .map(|i| {
             let t = palaver::eval::long_thread(&dialogs, (clients + resummarise + 1 + i) * 37, tokens, count);
-            (format!("late-{i}"), t)
+            send_later(&ch, request(&t, &format!("late-{i}")), delay, "late")
         })
         .collect();
-    let late_tasks: Vec<_> = late
-        .into_iter()
-        .map(|(id, t)| {
-            let mut c = AssistClient::new(ch.clone());
-            let req = request(&t, &id);
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                let t = Instant::now();
-                let r = c.summarize(req).await.expect("late summary").into_inner();
-                let (tm, tk) = (r.timings.unwrap_or_default(), r.tokens.unwrap_or_default());
-                println!(
-                    "  late: queue {:.1} s, prompt {:.1} s ({} tokens, {} reused), generation {:.1} s ({} tokens)",
-                    tm.queue_ms / 1e3,
-                    tm.prompt_ms / 1e3,
-                    tk.prompt_tokens,
-                    tk.reused_prompt_tokens,
-                    tm.generation_ms / 1e3,
-                    tk.generated_tokens
-                );
-                t.elapsed().as_secs_f64()
-            })
-        })
-        .collect();
-    let re_tasks: Vec<_> = grown
-        .into_iter()
-        .map(|(id, g)| {
-            let mut c = AssistClient::new(ch.clone());
-            let req = request(&g, &id);
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                let t = Instant::now();
-                c.summarize(req).await.expect("re-summarise").into_inner();
-                t.elapsed().as_secs_f64()
-            })
-        })
-        .collect();
+    let re_tasks: Vec<_> = grown.into_iter().map(|(id, g)| send_later(&ch, request(&g, &id), delay, "re-summarised")).collect();
     let started = Instant::now();
     let tasks: Vec<_> = threads
         .iter()

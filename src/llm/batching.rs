@@ -138,14 +138,7 @@ impl BatchPolicy {
     /// queued requests' priorities in queue order): behind every request of
     /// its priority or a more urgent one, ahead of the rest.
     pub fn queue_position(waiting: impl IntoIterator<Item = Priority>, priority: Priority) -> usize {
-        let mut at = 0;
-        for (i, w) in waiting.into_iter().enumerate() {
-            if w > priority {
-                return i;
-            }
-            at = i + 1;
-        }
-        at
+        waiting.into_iter().take_while(|&w| w <= priority).count()
     }
 
     /// How many of the `waiting` requests (tokens each would reserve and its
@@ -183,7 +176,7 @@ impl BatchPolicy {
     /// interactive sequence generates: its tokens would wait for the pass.
     pub fn prompt_to_read(&self, members: &[Member]) -> Option<usize> {
         let top = members.iter().filter(|m| m.prompt_left > 0).map(|m| m.priority).min()?;
-        if top == Priority::Background && members.iter().any(|m| m.prompt_left == 0 && m.priority == Priority::Interactive) {
+        if top == Priority::Background && interactive_generating(members) {
             return None;
         }
         let reading = members.iter().enumerate().filter(|(_, m)| m.prompt_left > 0 && m.priority == top);
@@ -224,8 +217,7 @@ impl BatchPolicy {
     /// and up to `background_riders` background ones (the oldest) beside
     /// them; every background one when no interactive one generates.
     pub fn stepped(&self, members: &[Member]) -> Vec<bool> {
-        let interactive = members.iter().any(|m| m.prompt_left == 0 && m.priority == Priority::Interactive);
-        let mut riders = if interactive { self.background_riders } else { usize::MAX };
+        let mut riders = if interactive_generating(members) { self.background_riders } else { usize::MAX };
         members
             .iter()
             .map(|m| match (m.prompt_left, m.priority) {
@@ -246,6 +238,11 @@ impl BatchPolicy {
         }
         self.max_draft.min((self.decode_rows / generating).saturating_sub(1))
     }
+}
+
+/// Whether an agent's note is being written.
+fn interactive_generating(members: &[Member]) -> bool {
+    members.iter().any(|m| m.prompt_left == 0 && m.priority == Priority::Interactive)
 }
 
 impl Scheduler {
