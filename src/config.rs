@@ -261,7 +261,7 @@ pub struct ServeArgs {
     #[arg(long, env = "PALAVER_MAX_CONCURRENT_REQUESTS", default_value_t = 64)]
     pub max_concurrent_requests: usize,
 
-    /// Background summaries (`priority: BACKGROUND`) admitted at once, queued
+    /// Background summaries (`priority: PRIORITY_BACKGROUND`) admitted at once, queued
     /// or running, on slots of their own: they never take an agent's slot,
     /// and more get RESOURCE_EXHAUSTED. Higher lets a bulk job queue more;
     /// they wait in the model's queue, holding their requests' memory.
