@@ -4,7 +4,8 @@
 //! generation speeds. Every run is a new thread (its own id and first
 //! message), so only the instructions before the transcript are reused; then
 //! the ~1,000-token thread grows by one ~30-token customer message and is
-//! summarised again under the same id (prefix reuse). Not criterion: one
+//! summarised again under the same id (prefix reuse), then asked for again
+//! unchanged (its stored note, and the model with the notes off). Not criterion: one
 //! sample of the 1.5B model takes minutes on 2 cores, and criterion's minimum
 //! of 10 samples would take an hour.
 //!
@@ -27,9 +28,14 @@ use std::time::Instant;
 /// the agent opens it again.
 /// `cold_latency`: the new thread's median, or None to take the median of
 /// these runs' own first summaries.
+/// Then the grown thread is asked for again, unchanged (the agent opens the
+/// chat whose note was prepared in the background): from the stored notes,
+/// and from the model with the notes off.
 async fn resummarise(s: &Summarizer, input: &SummarizeInput, runs: usize, cold_latency: Option<f64>) {
     let (mut lat, mut prompt_ms, mut gen_ms, mut reused, mut total, mut generated, mut drafted) = (vec![], vec![], vec![], 0, 0, 0, 0);
     let mut firsts = vec![];
+    let model_only = Summarizer::new(s.llm().clone(), SummarizeConfig { note_cache_bytes: 0, ..s.config().clone() });
+    let (mut stored, mut rerun, mut rerun_drafts) = (vec![], vec![], (0, 0));
     for i in 0..runs {
         // Each run its own thread: another run's grown prompt would be reused whole.
         let x = palaver::eval::as_new_thread(input, &format!("grow-{i}"));
@@ -38,8 +44,16 @@ async fn resummarise(s: &Summarizer, input: &SummarizeInput, runs: usize, cold_l
         firsts.push(t.elapsed().as_secs_f64());
         let x = palaver::eval::grown(&x, &i.to_string());
         let t = Instant::now();
-        let r = s.summarize(x, None).await.unwrap();
+        let r = s.summarize(x.clone(), None).await.unwrap();
         lat.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let hit = s.summarize(x.clone(), None).await.unwrap();
+        stored.push(t.elapsed().as_secs_f64() * 1e3);
+        assert!(hit.cached && hit.note == r.note, "an unchanged thread gets its stored note");
+        let t = Instant::now();
+        let again = model_only.summarize(x, None).await.unwrap();
+        rerun.push(t.elapsed().as_secs_f64());
+        rerun_drafts = (again.timings.drafted_tokens, again.timings.generated_tokens);
         if i == 0 && std::env::var_os("SHOW").is_some() {
             eprintln!("before the new message: {}\nafter it: {}", first.raw.replace('\n', " // "), r.raw.replace('\n', " // "));
         }
@@ -55,6 +69,13 @@ async fn resummarise(s: &Summarizer, input: &SummarizeInput, runs: usize, cold_l
         cold_latency / l,
         median(prompt_ms),
         median(gen_ms)
+    );
+    println!(
+        "| the grown thread asked again, unchanged | stored note: {:.2} ms | the model again (`--note-cache-mb 0`): {:.2} s, {} of {} tokens drafted | | | |",
+        median(stored),
+        median(rerun),
+        rerun_drafts.0,
+        rerun_drafts.1
     );
 }
 

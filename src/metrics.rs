@@ -171,6 +171,7 @@ pub struct Metrics {
     pub summarize_seconds: Family<Histogram>,
     pub summarize_tokens: Family<Counter>,
     pub summarize_faithfulness: Family<Counter>,
+    pub summarize_note_cache: Family<Counter>,
     pub llm_sequences: Family<Gauge>,
     pub llm_passes: Family<Counter>,
     pub llm_rows: Family<Counter>,
@@ -215,6 +216,12 @@ impl Metrics {
             summarize_faithfulness: Family::new(
                 "palaver_summarize_faithfulness_total",
                 "Faithfulness check: summaries whose first answer passed (passed_first_time), summaries regenerated, facts removed from final answers.",
+                &["outcome"],
+                Counter::default,
+            ),
+            summarize_note_cache: Family::new(
+                "palaver_summarize_note_cache_total",
+                "Summaries of a thread id looked up among stored notes (--note-cache-mb): hit (the thread had not changed, no model time), miss.",
                 &["outcome"],
                 Counter::default,
             ),
@@ -267,6 +274,7 @@ impl Metrics {
         self.summarize_seconds.render(&mut out);
         self.summarize_tokens.render(&mut out);
         self.summarize_faithfulness.render(&mut out);
+        self.summarize_note_cache.render(&mut out);
         self.llm_sequences.render(&mut out);
         self.llm_passes.render(&mut out);
         self.llm_rows.render(&mut out);

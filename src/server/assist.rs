@@ -10,7 +10,7 @@ use crate::summarize::thread::{invalid, Message, Role, SummarizeInput, Thread};
 use super::classify::{classify_one, log_classified, to_classify_input, to_classify_response};
 use crate::intent::Intents;
 use crate::metrics::GaugeGuard;
-use crate::summarize::{Coverage, Preview, StreamEvent, SummarizeError, Summarizer, Summary};
+use crate::summarize::{replay, Coverage, Preview, StreamEvent, SummarizeError, Summarizer, Summary};
 use tokio_stream::StreamExt;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -170,7 +170,17 @@ pub fn to_response(s: Summary) -> pb::SummarizeResponse {
             attempts: t.attempts,
         }),
         references: s.references.into_iter().map(reference).collect(),
+        cached: s.cached,
     }
+}
+
+fn to_chunk(thread_id: &str, ev: StreamEvent) -> pb::SummarizeChunk {
+    let chunk = match ev {
+        StreamEvent::Preview(p) => pb::summarize_chunk::Chunk::Preview(to_preview(thread_id, *p)),
+        StreamEvent::Text(t) => pb::summarize_chunk::Chunk::TextDelta(t),
+        StreamEvent::Restart(why) => pb::summarize_chunk::Chunk::Restart(why),
+    };
+    pb::SummarizeChunk { chunk: Some(chunk) }
 }
 
 fn to_preview(thread_id: &str, p: Preview) -> pb::SummarizePreview {
@@ -210,7 +220,15 @@ type ChunkStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::SummarizeC
 impl pb::assist_server::Assist for AssistService {
     async fn summarize(&self, req: Request<pb::SummarizeRequest>) -> Result<Response<pb::SummarizeResponse>, Status> {
         let input = self.input(req.into_inner())?;
-        let _permit = self.admit_summary(&input)?;
+        let _permit = match self.admit_summary(&input) {
+            Ok(p) => p,
+            Err(refused) => {
+                // A note already written for this exact thread costs no slot.
+                let s = self.summarizer.stored(&input).ok_or(refused)?;
+                log_done(&s);
+                return Ok(Response::new(to_response(s)));
+            }
+        };
         // Dropping this future (client cancelled, deadline passed) stops the generation.
         let summary = self.summarizer.summarize(input, None).await?;
         log_done(&summary);
@@ -246,7 +264,17 @@ impl pb::assist_server::Assist for AssistService {
 
     async fn summarize_stream(&self, req: Request<pb::SummarizeRequest>) -> Result<Response<ChunkStream>, Status> {
         let input = self.input(req.into_inner())?;
-        let permit = self.admit_summary(&input)?;
+        let permit = match self.admit_summary(&input) {
+            Ok(p) => p,
+            Err(refused) => {
+                let s = self.summarizer.stored(&input).ok_or(refused)?;
+                log_done(&s);
+                let thread_id = s.thread_id.clone();
+                let mut chunks: Vec<Result<pb::SummarizeChunk, Status>> = replay(&s).into_iter().map(|ev| Ok(to_chunk(&thread_id, ev))).collect();
+                chunks.push(Ok(pb::SummarizeChunk { chunk: Some(pb::summarize_chunk::Chunk::Response(to_response(s))) }));
+                return Ok(Response::new(Box::pin(tokio_stream::iter(chunks))));
+            }
+        };
         let summarizer = self.summarizer.clone();
         let thread_id = input.thread.id.clone();
         let (tx, rx) = mpsc::channel::<Result<pb::SummarizeChunk, Status>>(64);
@@ -259,21 +287,16 @@ impl pb::assist_server::Assist for AssistService {
                 tokio::select! {
                     r = &mut work => break r,
                     Some(ev) = ev_rx.recv() => {
-                        let chunk = match ev {
-                            StreamEvent::Preview(p) => pb::summarize_chunk::Chunk::Preview(to_preview(&thread_id, *p)),
-                            StreamEvent::Text(t) => pb::summarize_chunk::Chunk::TextDelta(t),
-                            StreamEvent::Restart(why) => pb::summarize_chunk::Chunk::Restart(why),
-                        };
-                        if tx.send(Ok(pb::SummarizeChunk { chunk: Some(chunk) })).await.is_err() {
+                        if tx.send(Ok(to_chunk(&thread_id, ev))).await.is_err() {
                             return; // client gone: dropping `work` cancels the generation
                         }
                     }
                     _ = tx.closed() => return,
                 }
             };
-            // Text generated after the last event was drained.
-            while let Ok(StreamEvent::Text(t)) = ev_rx.try_recv() {
-                let _ = tx.send(Ok(pb::SummarizeChunk { chunk: Some(pb::summarize_chunk::Chunk::TextDelta(t)) })).await;
+            // Events sent after the last one was drained (all of them, for a stored note).
+            while let Ok(ev) = ev_rx.try_recv() {
+                let _ = tx.send(Ok(to_chunk(&thread_id, ev))).await;
             }
             let last = result.map(|s| {
                 log_done(&s);
@@ -379,7 +402,7 @@ fn log_done(s: &Summary) {
         thread = %s.thread_id, lang = %s.language.tag, prompt_tokens = t.prompt_tokens,
         generated = t.generated_tokens, queue_ms = t.queue_ms as u64, prompt_ms = t.prompt_ms as u64,
         generation_ms = t.generation_ms as u64, total_ms = t.total_ms as u64,
-        regenerated = s.faithfulness.regenerated, removed = s.faithfulness.removed_facts.len(),
+        regenerated = s.faithfulness.regenerated, removed = s.faithfulness.removed_facts.len(), cached = s.cached,
         "summarized"
     );
 }

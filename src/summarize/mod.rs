@@ -4,6 +4,7 @@
 pub mod cut;
 pub mod faithful;
 pub mod language;
+pub mod notes;
 pub mod parse;
 pub mod prompt;
 pub mod references;
@@ -13,6 +14,7 @@ use crate::llm::{GenerateParams, Generation, LlmError, LlmHandle};
 use language::Language;
 use parse::Note;
 use serde::Serialize;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use thread::SummarizeInput;
 use tokio::sync::mpsc;
@@ -68,6 +70,9 @@ pub struct SummarizeConfig {
     /// How many times an answer that fails the faithfulness check is generated
     /// again before the offending sentences are removed.
     pub faithfulness_retries: u32,
+    /// Bytes of finished notes kept per thread id and served again while the
+    /// thread is unchanged (`notes`); 0 keeps none.
+    pub note_cache_bytes: usize,
 }
 
 impl Default for SummarizeConfig {
@@ -78,6 +83,7 @@ impl Default for SummarizeConfig {
             max_new_tokens: 320,
             default_max_words: 60,
             faithfulness_retries: 1,
+            note_cache_bytes: 64 << 20,
         }
     }
 }
@@ -169,6 +175,10 @@ pub struct Summary {
     pub timings: Timings,
     /// The raw model output of the final attempt.
     pub raw: String,
+    /// Served from the stored notes: the thread had not changed since this
+    /// note was written, and the model did no work (timings and token counts
+    /// say so).
+    pub cached: bool,
 }
 
 /// What a streaming caller receives while the summary is generated.
@@ -200,6 +210,7 @@ pub struct Preview {
 pub struct Summarizer {
     llm: LlmHandle,
     cfg: SummarizeConfig,
+    notes: Arc<Mutex<notes::NoteCache>>,
 }
 
 /// The prompt-independent part of a request, computed off the async runtime.
@@ -215,7 +226,8 @@ struct Prepared {
 
 impl Summarizer {
     pub fn new(llm: LlmHandle, cfg: SummarizeConfig) -> Self {
-        Self { llm, cfg }
+        let notes = Arc::new(Mutex::new(notes::NoteCache::new(cfg.note_cache_bytes)));
+        Self { llm, cfg, notes }
     }
 
     pub fn config(&self) -> &SummarizeConfig {
@@ -250,10 +262,30 @@ impl Summarizer {
 
         let t = Instant::now();
         let this = self.clone();
-        let (prepared, input) = tokio::task::spawn_blocking(move || (this.prepare(&input), input))
-            .await
-            .map_err(|e| SummarizeError::Internal(e.to_string()))?;
-        let prepared = prepared?;
+        // Hashing a long thread, detecting its language and cutting it are
+        // CPU work: off the async runtime.
+        let (key, ready, input) = tokio::task::spawn_blocking(move || {
+            let (key, stored) = this.look_up(&input);
+            let ready = match stored {
+                Some(s) => Ok(Err(s)),
+                None => this.prepare(&input).map(Ok),
+            };
+            (key, ready, input)
+        })
+        .await
+        .map_err(|e| SummarizeError::Internal(e.to_string()))?;
+        let prepared = match ready? {
+            Ok(p) => p,
+            Err(stored) => {
+                let s = served(stored, start);
+                if let Some(out) = &stream {
+                    for ev in replay(&s) {
+                        let _ = out.send(ev);
+                    }
+                }
+                return Ok(s);
+            }
+        };
         timings.tokenize_ms += t.elapsed().as_secs_f64() * 1e3;
         if let Some(s) = &stream {
             let preview = Preview {
@@ -298,7 +330,7 @@ impl Summarizer {
         references::mark_in_summary(&mut references, note_texts(&note));
         timings.total_ms = start.elapsed().as_secs_f64() * 1e3;
         record_metrics(&timings, &faith);
-        Ok(Summary {
+        let summary = Summary {
             thread_id: input.thread.id,
             note,
             language: prepared.language,
@@ -308,7 +340,33 @@ impl Summarizer {
             model: self.llm.id().to_string(),
             timings,
             raw,
-        })
+            cached: false,
+        };
+        if let (Some(key), Ok(mut notes)) = (key, self.notes.lock()) {
+            notes.put(key, &summary);
+        }
+        Ok(summary)
+    }
+
+    /// The stored note for exactly this request (the thread unchanged since it
+    /// was written), as served: what the server still answers when every
+    /// model slot is taken.
+    pub fn stored(&self, input: &SummarizeInput) -> Option<Summary> {
+        let start = Instant::now();
+        self.look_up(input).1.map(|s| served(s, start))
+    }
+
+    /// The note key of a request whose thread has an id, and the note stored
+    /// under it; counted as a hit or a miss.
+    fn look_up(&self, input: &SummarizeInput) -> (Option<notes::Key>, Option<Summary>) {
+        if self.cfg.note_cache_bytes == 0 || input.thread.id.is_empty() {
+            return (None, None);
+        }
+        let key = notes::Key::of(input, self.llm.id(), &self.cfg);
+        let stored = self.notes.lock().ok().and_then(|mut n| n.get(&input.thread.id, &key));
+        let outcome = if stored.is_some() { "hit" } else { "miss" };
+        crate::metrics::global().summarize_note_cache.with(&[outcome]).add(1);
+        (Some(key), stored)
     }
 
     fn prepare(&self, input: &SummarizeInput) -> Result<Prepared, SummarizeError> {
@@ -393,6 +451,28 @@ impl Summarizer {
         gen.text.insert_str(0, &start);
         Ok((gen, tok_ms))
     }
+}
+
+/// A stored note as a response: no model work, so no prompt read, nothing
+/// generated, no attempt; every prompt token counts as reused.
+fn served(mut s: Summary, start: Instant) -> Summary {
+    let prompt_tokens = s.timings.prompt_tokens;
+    let total_ms = start.elapsed().as_secs_f64() * 1e3;
+    s.timings = Timings { prompt_tokens, reused_prompt_tokens: prompt_tokens, total_ms, ..Timings::default() };
+    s.cached = true;
+    crate::metrics::global().summarize_seconds.with(&["total"]).observe(total_ms / 1e3);
+    s
+}
+
+/// What a streaming caller receives for a stored note: the preview, then the
+/// final attempt's text in one piece.
+pub fn replay(s: &Summary) -> [StreamEvent; 2] {
+    let mut references = s.references.clone();
+    for r in &mut references {
+        r.in_summary = false;
+    }
+    let preview = Preview { language: s.language.clone(), coverage: s.coverage.clone(), references, ahead: 0 };
+    [StreamEvent::Preview(Box::new(preview)), StreamEvent::Text(s.raw.clone())]
 }
 
 fn note_texts(n: &Note) -> impl Iterator<Item = &str> {

@@ -61,6 +61,8 @@ async fn calls_are_counted_by_method_and_code_and_responses_feed_their_phases() 
         responses += usize::from(matches!(chunk.chunk, Some(Chunk::Response(_))));
     }
     assert_eq!(responses, 1);
+    // The first thread again, unchanged: its stored note.
+    assert!(c.summarize(thread("M-5521")).await.expect("summarize").into_inner().cached);
     let req = pb::ClassifyIntentRequest { input: Some(Input::Text("where is my order?".into())), top_k: 2, ..Default::default() };
     c.classify_intent(req).await.expect("classify");
 
@@ -77,6 +79,9 @@ async fn calls_are_counted_by_method_and_code_and_responses_feed_their_phases() 
         grew(&before, &after, &format!("palaver_summarize_phase_seconds_count{{phase=\"{phase}\"}}"), 2.0);
     }
     grew(&before, &after, "palaver_summarize_phase_seconds_sum{phase=\"total\"}", 1e-4);
+    grew(&before, &after, "palaver_summarize_phase_seconds_count{phase=\"total\"}", 3.0);
+    grew(&before, &after, "palaver_summarize_note_cache_total{outcome=\"miss\"}", 2.0);
+    grew(&before, &after, "palaver_summarize_note_cache_total{outcome=\"hit\"}", 1.0);
     grew(&before, &after, "palaver_summarize_tokens_total{kind=\"prompt\"}", 20.0);
     grew(&before, &after, "palaver_summarize_tokens_total{kind=\"generated\"}", 2.0);
     let model = models::FIXTURE_LLM;

@@ -340,13 +340,90 @@ async fn background_summaries_have_their_own_slots() {
     assert!(err.message().starts_with("priority: ") && err.message().contains("BACKGROUND"), "{}", err.message());
 }
 
+/// Chunks of a stream: the text after the last restart, and the last response.
+async fn collect(stream: &mut tonic::Streaming<pb::SummarizeChunk>) -> (Vec<Chunk>, String, pb::SummarizeResponse) {
+    let (mut chunks, mut text, mut last) = (Vec::new(), String::new(), None);
+    while let Some(c) = stream.message().await.expect("chunk") {
+        let c = c.chunk.expect("a chunk");
+        match &c {
+            Chunk::TextDelta(t) => text.push_str(t),
+            Chunk::Restart(_) => text.clear(),
+            Chunk::Response(r) => last = Some(r.clone()),
+            Chunk::Preview(_) => {}
+        }
+        chunks.push(c);
+    }
+    (chunks, text, last.expect("a response"))
+}
+
+#[tokio::test]
+async fn an_unchanged_thread_is_answered_from_its_stored_note() {
+    let s = TestServer::start(
+        llm_files(models::FIXTURE_LLM),
+        SummarizeConfig::default(),
+        ServeOptions { max_concurrent_requests: 1, ..common::default_opts() },
+    );
+    s.wait_serving().await;
+    let req = thread("note-1", &[(Customer, "My order 7710 arrived late and the box was wet."), (Agent, "Sorry! I logged a complaint.")]);
+    let (_, text, first) = collect(&mut s.client().await.summarize_stream(req.clone()).await.expect("stream").into_inner()).await;
+    assert!(!first.cached && first.tokens.unwrap().generated_tokens > 0, "{first:?}");
+    let done = s.llm.stats().completed;
+
+    let same_note = |r: &pb::SummarizeResponse| {
+        assert!(r.cached, "{r:?}");
+        let fields = |r: &pb::SummarizeResponse| {
+            (r.summary.clone(), r.customer_issue.clone(), r.actions_taken.clone(), r.status, r.next_steps.clone(), r.language.clone())
+        };
+        assert_eq!(fields(r), fields(&first));
+        assert_eq!((&r.references, &r.coverage, &r.model), (&first.references, &first.coverage, &first.model));
+        // No model work, and the numbers say so.
+        let t = r.tokens.unwrap();
+        assert_eq!((t.generated_tokens, t.drafted_tokens), (0, 0), "{t:?}");
+        assert_eq!((t.prompt_tokens, t.reused_prompt_tokens), (first.tokens.unwrap().prompt_tokens, t.prompt_tokens));
+        let tm = r.timings.unwrap();
+        assert_eq!((tm.queue_ms, tm.prompt_ms, tm.generation_ms), (0.0, 0.0, 0.0), "{tm:?}");
+        assert!(tm.total_ms < 1000.0, "{tm:?}");
+        assert_eq!(r.faithfulness.as_ref().unwrap().attempts, 0);
+    };
+    let again = s.client().await.summarize(req.clone()).await.expect("summarize").into_inner();
+    same_note(&again);
+    // A stream gets the preview, the stored text in one piece, the response.
+    let stream_hit = |label: &'static str| {
+        let (req, text, client) = (req.clone(), text.clone(), s.client());
+        async move {
+            let (chunks, streamed, last) = collect(&mut client.await.summarize_stream(req).await.expect(label).into_inner()).await;
+            assert!(matches!(chunks.as_slice(), [Chunk::Preview(_), Chunk::TextDelta(_), Chunk::Response(_)]), "{label}: {chunks:?}");
+            assert_eq!(streamed, text, "{label}");
+            last
+        }
+    };
+    same_note(&stream_hit("stream").await);
+    assert_eq!(s.llm.stats().completed, done, "the model ran for a stored note");
+
+    // Every request slot taken: the stored note is still served...
+    let busy = thread("note-busy", &[(Customer, "Please write me a very long story about my lost parcel."), (Agent, "Sure.")]);
+    let mut client = s.client().await;
+    let mut holder = client.summarize_stream(busy).await.expect("stream").into_inner();
+    while !matches!(holder.message().await.expect("chunk").expect("a chunk").chunk, Some(Chunk::TextDelta(_))) {}
+    same_note(&s.client().await.summarize(req.clone()).await.expect("a stored note under overload").into_inner());
+    same_note(&stream_hit("stream under overload").await);
+    // ...but the thread grown by one message needs the model, and waits its turn.
+    let mut grown = req.clone();
+    grown.thread.as_mut().unwrap().messages.push(msg(2, Customer, "Any news about 7710?"));
+    let err = s.client().await.summarize(grown).await.expect_err("a changed thread is not the stored note");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+}
+
 #[tokio::test]
 async fn same_thread_gives_the_same_summary() {
-    let s = fixture_server();
+    // Stored notes off: the second call runs the model.
+    let cfg = SummarizeConfig { note_cache_bytes: 0, ..SummarizeConfig::default() };
+    let s = TestServer::start(llm_files(models::FIXTURE_LLM), cfg, common::default_opts());
     s.wait_serving().await;
     let req = thread("det-1", &[(Customer, "My order 7710 arrived late and the box was wet."), (Agent, "Sorry! I logged a complaint.")]);
     let a = s.client().await.summarize(req.clone()).await.expect("summarize").into_inner();
     let b = s.client().await.summarize(req).await.expect("summarize").into_inner();
+    assert!(!b.cached);
     assert_eq!(a.summary, b.summary);
     assert_eq!(a.next_steps, b.next_steps);
     let (ta, tb) = (a.tokens.unwrap(), b.tokens.unwrap());
