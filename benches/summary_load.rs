@@ -15,6 +15,10 @@
 //!       # the burst sent as background work (`priority`), and 1 new thread DELAY_S into it as an
 //!       # agent's request; BURST_PRIORITY=interactive (the default) for the same load without priorities;
 //!       # BACKGROUND_RIDERS=n (`--background-riders`, default 0)
+//!   CLIENTS=4 BURST_PRIORITY=background OPENED=1 DELAY_S=10 cargo bench --bench summary_load
+//!       # 1 of the burst's threads asked for again, unchanged, by an agent DELAY_S into the burst:
+//!       # it waits for the note being written, raised to interactive; NOTE_CACHE_MB=0
+//!       # (`--note-cache-mb`) for a second generation of its own instead
 
 mod common;
 
@@ -78,6 +82,7 @@ async fn main() {
     let tokens: usize = std::env::var("TOKENS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
     let resummarise: usize = std::env::var("RESUMMARISE").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     let late_new: usize = std::env::var("LATE_NEW").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let opened: usize = std::env::var("OPENED").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     let burst_priority = match std::env::var("BURST_PRIORITY").as_deref() {
         Ok("background") => pb::Priority::Background,
         Ok("interactive") | Err(_) => pb::Priority::Interactive,
@@ -85,7 +90,7 @@ async fn main() {
     };
     let delay = Duration::from_secs_f64(std::env::var("DELAY_S").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0));
     let mut llm = LlmOptions::default();
-    llm.batch.max_sequences = (clients + resummarise + late_new).max(1);
+    llm.batch.max_sequences = (clients + resummarise + late_new + opened).max(1);
     llm.batch.max_background = llm.batch.max_background.max(clients);
     if let Some(n) = std::env::var("BACKGROUND_RIDERS").ok().and_then(|s| s.parse().ok()) {
         llm.batch.background_riders = n;
@@ -98,7 +103,10 @@ async fn main() {
     }
     let overtakes = llm.batch.prompt_overtakes;
     let share = llm.batch.decode_share;
-    let cfg = SummarizeConfig { faithfulness_retries: 0, ..SummarizeConfig::default() };
+    let mut cfg = SummarizeConfig { faithfulness_retries: 0, ..SummarizeConfig::default() };
+    if let Some(mb) = std::env::var("NOTE_CACHE_MB").ok().and_then(|s| s.parse::<usize>().ok()) {
+        cfg.note_cache_bytes = mb << 20;
+    }
     let (addr, tok) = common::start_server(&summarizer, llm, cfg);
     let data = std::fs::read_to_string("../shared/data/summaries/tweetsumm_train.jsonl").expect("TweetSumm data beside the repo");
     let dialogs: Vec<TweetSummDialog> =
@@ -155,6 +163,8 @@ async fn main() {
             send_later(&ch, request(&t, &format!("late-{i}")), delay, "late")
         })
         .collect();
+    // Agents opening chats whose notes the burst is writing.
+    let opened_tasks: Vec<_> = threads.iter().take(opened).enumerate().map(|(i, t)| send_later(&ch, request(t, &format!("load-{i}")), delay, "opened")).collect();
     let re_tasks: Vec<_> = grown.into_iter().map(|(id, g)| send_later(&ch, request(&g, &id), delay, "re-summarised")).collect();
     let started = Instant::now();
     let tasks: Vec<_> = threads
@@ -230,6 +240,17 @@ async fn main() {
         }
         println!(
             "{late_new} new thread(s) sent {:.0} s into the {burst_priority:?} burst: {} (alone: {solo_mean:.1} s)",
+            delay.as_secs_f64(),
+            shown.join(", ")
+        );
+    }
+    if opened > 0 {
+        let mut shown = Vec::new();
+        for t in opened_tasks {
+            shown.push(format!("{:.1} s", t.await.unwrap()));
+        }
+        println!(
+            "{opened} of the {burst_priority:?} burst's threads asked for again by an agent {:.0} s into it: {} (alone: {solo_mean:.1} s)",
             delay.as_secs_f64(),
             shown.join(", ")
         );

@@ -221,7 +221,7 @@ impl Metrics {
             ),
             summarize_note_cache: Family::new(
                 "palaver_summarize_note_cache_total",
-                "Summaries of a thread id looked up among stored notes (--note-cache-mb): hit (the thread had not changed, no model time), miss.",
+                "Summaries of a thread id looked up among stored notes (--note-cache-mb): hit (the thread had not changed, no model time), miss; joined: a miss that waited for the same note being written for another request.",
                 &["outcome"],
                 Counter::default,
             ),

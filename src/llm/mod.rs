@@ -14,7 +14,7 @@ pub mod swiglu;
 pub mod transformer;
 mod worker;
 
-pub use worker::{prompt_rows_exact, wait_not_loading, LlmHandle, LlmOptions, LlmStats, ModelState, DEFAULT_PREFIX_CACHE_BYTES};
+pub use worker::{prompt_rows_exact, wait_not_loading, LlmHandle, LlmOptions, LlmStats, ModelState, Raise, DEFAULT_PREFIX_CACHE_BYTES};
 
 use crate::models::LlmFiles;
 use candle_core::quantized::gguf_file;
@@ -78,11 +78,13 @@ pub struct GenerateParams {
     pub repeat_last_n: usize,
     /// Who waits for it: the model thread serves interactive requests first.
     pub priority: batching::Priority,
+    /// For a background generation: lets its caller raise it to interactive.
+    pub raise: Option<Raise>,
 }
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        Self { max_new_tokens: 320, repeat_penalty: 1.1, repeat_last_n: 64, priority: batching::Priority::Interactive }
+        Self { max_new_tokens: 320, repeat_penalty: 1.1, repeat_last_n: 64, priority: batching::Priority::Interactive, raise: None }
     }
 }
 

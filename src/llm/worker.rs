@@ -12,7 +12,7 @@ use crate::metrics;
 use crate::models::LlmFiles;
 use candle_core::Device;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tokenizers::Tokenizer;
@@ -57,19 +57,87 @@ struct Counters {
     in_flight: [AtomicU64; 2],
 }
 
+/// Lets the caller of a background generation have it served as interactive
+/// from the next pass on, queued or running: a note prepared in the
+/// background that an agent now waits for.
+#[derive(Debug, Clone, Default)]
+pub struct Raise(Arc<AtomicU8>);
+
+/// `Raise` states. The caller's in-flight count moves with the raise; the
+/// order of the two updates (see `Raise::apply`, `InFlight::drop`) keeps the
+/// counts from ever going below zero.
+const NOT_ASKED: u8 = 0;
+const ASKED: u8 = 1;
+const APPLIED: u8 = 2;
+const OVER: u8 = 3;
+
+impl Raise {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks for it; nothing happens once the generation is over.
+    pub fn ask(&self) {
+        let _ = self.0.compare_exchange(NOT_ASKED, ASKED, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Whether a raise was asked (and not yet applied).
+    pub fn is_asked(&self) -> bool {
+        self.0.load(Ordering::Acquire) == ASKED
+    }
+
+    /// On the model thread: whether a raise was asked and is now applied,
+    /// with the in-flight count moved to interactive.
+    fn apply(&self, counters: &Counters) -> bool {
+        if self.0.load(Ordering::Acquire) != ASKED {
+            return false;
+        }
+        let [interactive, background] = &counters.in_flight;
+        interactive.fetch_add(1, Ordering::Relaxed);
+        if self.0.compare_exchange(ASKED, APPLIED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            background.fetch_sub(1, Ordering::Relaxed);
+            true
+        } else {
+            interactive.fetch_sub(1, Ordering::Relaxed);
+            false
+        }
+    }
+}
+
 /// Counts a generation as in flight until its caller has the answer or left.
-struct InFlight<'a>(&'a AtomicU64);
+struct InFlight<'a> {
+    counters: &'a Counters,
+    priority: Priority,
+    raise: Option<Raise>,
+}
 
 impl<'a> InFlight<'a> {
-    fn enter(n: &'a AtomicU64) -> Self {
-        n.fetch_add(1, Ordering::Relaxed);
-        Self(n)
+    fn enter(counters: &'a Counters, params: &GenerateParams) -> Self {
+        counters.in_flight[params.priority as usize].fetch_add(1, Ordering::Relaxed);
+        Self { counters, priority: params.priority, raise: params.raise.clone() }
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let raised = self.raise.as_ref().is_some_and(|r| r.0.swap(OVER, Ordering::AcqRel) == APPLIED);
+        let counted = if raised { Priority::Interactive } else { self.priority };
+        self.counters.in_flight[counted as usize].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Background generations whose caller asked for a raise become interactive:
+/// queued ones move up to their place by arrival among interactive ones.
+fn apply_raises(waiting: &mut VecDeque<GenerateJob>, batch: &mut [Member], counters: &Counters) {
+    let mut moved = false;
+    for params in waiting.iter_mut().map(|j| &mut j.params).chain(batch.iter_mut().map(|m| &mut m.job.params)) {
+        if params.priority == Priority::Background && params.raise.as_ref().is_some_and(|r| r.apply(counters)) {
+            params.priority = Priority::Interactive;
+            moved = true;
+        }
+    }
+    if moved {
+        waiting.make_contiguous().sort_by_key(|j| (j.params.priority, j.enqueued));
     }
 }
 
@@ -188,7 +256,7 @@ impl LlmHandle {
             ModelState::Loading => return Err(LlmError::NotReady),
             ModelState::Failed(e) => return Err(LlmError::LoadFailed(e)),
         }
-        let _counted = InFlight::enter(&self.counters.in_flight[params.priority as usize]);
+        let _counted = InFlight::enter(&self.counters, &params);
         let (reply, rx) = oneshot::channel();
         let job = GenerateJob { prompt, conversation, params, stream, enqueued: Instant::now(), reply };
         self.tx.send(job).map_err(|_| LlmError::WorkerGone)?;
@@ -240,6 +308,7 @@ fn run(
             let at = BatchPolicy::queue_position(waiting.iter().map(|j| j.params.priority), job.params.priority);
             waiting.insert(at, job);
         }
+        apply_raises(&mut waiting, &mut batch, counters);
         // Callers that went away (client cancelled, deadline passed) leave now.
         waiting.retain(|j| {
             let gone = j.reply.is_closed();

@@ -10,6 +10,7 @@ pub mod prompt;
 pub mod references;
 pub mod thread;
 
+use crate::llm::batching::Priority;
 use crate::llm::{GenerateParams, Generation, LlmError, LlmHandle};
 use language::Language;
 use parse::Note;
@@ -211,6 +212,7 @@ pub struct Summarizer {
     llm: LlmHandle,
     cfg: SummarizeConfig,
     notes: Arc<Mutex<notes::NoteCache>>,
+    writing: Arc<Mutex<notes::Writing>>,
 }
 
 /// The prompt-independent part of a request, computed off the async runtime.
@@ -227,7 +229,7 @@ struct Prepared {
 impl Summarizer {
     pub fn new(llm: LlmHandle, cfg: SummarizeConfig) -> Self {
         let notes = Arc::new(Mutex::new(notes::NoteCache::new(cfg.note_cache_bytes)));
-        Self { llm, cfg, notes }
+        Self { llm, cfg, notes, writing: Arc::default() }
     }
 
     pub fn config(&self) -> &SummarizeConfig {
@@ -297,11 +299,33 @@ impl Summarizer {
             let _ = s.send(StreamEvent::Preview(Box::new(preview)));
         }
 
+        // The same note being written (the background note of the chat an
+        // agent opens; a reload): wait for it rather than write it twice.
+        let mut writer = None;
+        while let Some(key) = key {
+            match notes::turn(&self.writing, &input.thread.id, key) {
+                notes::Turn::Write(w) => {
+                    writer = Some(w);
+                    break;
+                }
+                notes::Turn::Wait(waiter) => {
+                    if prepared.priority == Priority::Interactive {
+                        waiter.urgent.raise();
+                    }
+                    // None: the writer failed or left; this request writes it.
+                    if let Some(s) = waiter.note().await {
+                        return Ok(joined(s, start, timings.tokenize_ms, stream.as_ref()));
+                    }
+                }
+            }
+        }
+
         let mut forbidden: Vec<String> = Vec::new();
         let mut faith = Faithfulness::default();
         let mut attempt = 0;
         let (note, raw) = loop {
-            let (gen, tok_ms) = self.generate(&input.thread.id, &prepared, &forbidden, stream.as_ref()).await?;
+            let urgent = writer.as_ref().map(|w| &*w.urgent);
+            let (gen, tok_ms) = self.generate(&input.thread.id, &prepared, &forbidden, urgent, stream.as_ref()).await?;
             timings.tokenize_ms += tok_ms;
             timings.add(&gen);
             let note = parse::parse(&gen.text);
@@ -344,6 +368,9 @@ impl Summarizer {
         };
         if let (Some(key), Ok(mut notes)) = (key, self.notes.lock()) {
             notes.put(key, &summary);
+        }
+        if let Some(w) = writer {
+            w.finish(&summary);
         }
         Ok(summary)
     }
@@ -405,6 +432,7 @@ impl Summarizer {
         thread_id: &str,
         p: &Prepared,
         forbidden: &[String],
+        urgent: Option<&notes::Urgent>,
         stream: Option<&mpsc::UnboundedSender<StreamEvent>>,
     ) -> Result<(Generation, f64), SummarizeError> {
         let spec = prompt::PromptSpec {
@@ -422,7 +450,14 @@ impl Summarizer {
             .map_err(|e| SummarizeError::Internal(format!("tokenizer: {e}")))?;
         let tok_ms = t.elapsed().as_secs_f64() * 1e3;
 
-        let params = GenerateParams { max_new_tokens: self.cfg.max_new_tokens, priority: p.priority, ..GenerateParams::default() };
+        let (priority, raise) = match urgent {
+            Some(u) => {
+                let (p, r) = u.attempt(p.priority);
+                (p, Some(r))
+            }
+            None => (p.priority, None),
+        };
+        let params = GenerateParams { max_new_tokens: self.cfg.max_new_tokens, priority, raise, ..GenerateParams::default() };
         // A helpdesk summarises the same thread again after each message: its
         // cached prompt lets the model read only what is new.
         let conversation = (!thread_id.is_empty()).then(|| thread_id.to_string());
@@ -461,6 +496,22 @@ fn served(mut s: Summary, start: Instant) -> Summary {
     s.timings = Timings { prompt_tokens, reused_prompt_tokens: prompt_tokens, total_ms, ..Timings::default() };
     s.cached = true;
     crate::metrics::global().summarize_seconds.with(&["total"]).observe(total_ms / 1e3);
+    s
+}
+
+/// The note another request was writing for the same thread, as this
+/// request's answer: that generation's numbers, this request's own tokenize
+/// and total times; streamed as a stored note is.
+fn joined(mut s: Summary, start: Instant, tokenize_ms: f64, stream: Option<&mpsc::UnboundedSender<StreamEvent>>) -> Summary {
+    s.timings.tokenize_ms = tokenize_ms;
+    s.timings.total_ms = start.elapsed().as_secs_f64() * 1e3;
+    let m = crate::metrics::global();
+    m.summarize_note_cache.with(&["joined"]).add(1);
+    m.summarize_seconds.with(&["total"]).observe(s.timings.total_ms / 1e3);
+    if let Some(out) = stream {
+        // The preview went out before the wait.
+        let _ = out.send(StreamEvent::Text(s.raw.clone()));
+    }
     s
 }
 

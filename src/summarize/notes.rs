@@ -1,14 +1,21 @@
-//! Notes already written, one per thread id. A helpdesk asks again for a
-//! thread that has not changed: the note prepared in the background after the
-//! last message, then the agent opening the chat; a page reload; a second
-//! agent on the same chat. The note is a function of the request (greedy
-//! decoding, the same model and settings), so the stored one is what the
-//! model would write again, and serving it costs no model time.
+//! Notes already written, one per thread id, and notes being written. A
+//! helpdesk asks again for a thread that has not changed: the note prepared
+//! in the background after the last message, then the agent opening the
+//! chat; a page reload; a second agent on the same chat. The note is a
+//! function of the request (greedy decoding, the same model and settings), so
+//! the stored one is what the model would write again, and serving it costs
+//! no model time; a request for a note still being written waits for it,
+//! and raises it to interactive when an agent is the one waiting.
 
 use super::thread::SummarizeInput;
 use super::{SummarizeConfig, Summary};
+use crate::llm::batching::Priority;
+use crate::llm::Raise;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
 
 /// Identifies everything a note depends on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +129,119 @@ impl NoteCache {
     }
 }
 
+/// Notes being written, by thread id: one writer per version of a thread.
+#[derive(Default)]
+pub struct Writing {
+    next_id: u64,
+    by_thread: HashMap<String, Pending>,
+}
+
+struct Pending {
+    key: Key,
+    id: u64,
+    done: watch::Receiver<Option<Summary>>,
+    urgent: Arc<Urgent>,
+}
+
+/// What a request whose note is not stored does.
+pub enum Turn {
+    /// The same note is being written: wait for it.
+    Wait(Waiter),
+    /// Write it; requests for the same note wait for this one.
+    Write(Writer),
+}
+
+/// Whether someone waiting for a note wants it written as interactive, and
+/// the writer's current generation to raise.
+#[derive(Default)]
+pub struct Urgent {
+    wanted: AtomicBool,
+    current: Mutex<Raise>,
+}
+
+impl Urgent {
+    /// An agent waits for this note: its generation runs as interactive from
+    /// the next pass, and so does a regeneration after a failed check.
+    pub fn raise(&self) {
+        self.wanted.store(true, Ordering::SeqCst);
+        if let Ok(r) = self.current.lock() {
+            r.ask();
+        }
+    }
+
+    /// The priority and raise handle of the writer's next generation.
+    pub fn attempt(&self, priority: Priority) -> (Priority, Raise) {
+        let raise = Raise::new();
+        if let Ok(mut c) = self.current.lock() {
+            *c = raise.clone();
+        }
+        // After the swap: a raise that came before it is seen here, one that
+        // comes after it asks the new handle.
+        let priority = if self.wanted.load(Ordering::SeqCst) { Priority::Interactive } else { priority };
+        (priority, raise)
+    }
+}
+
+pub struct Waiter {
+    done: watch::Receiver<Option<Summary>>,
+    pub urgent: Arc<Urgent>,
+}
+
+impl Waiter {
+    /// The note, or None when its writer failed or went away (the waiter
+    /// then writes it itself).
+    pub async fn note(mut self) -> Option<Summary> {
+        loop {
+            if let Some(s) = self.done.borrow_and_update().clone() {
+                return Some(s);
+            }
+            if self.done.changed().await.is_err() {
+                return self.done.borrow().clone();
+            }
+        }
+    }
+}
+
+pub struct Writer {
+    writing: Arc<Mutex<Writing>>,
+    thread_id: String,
+    id: u64,
+    done: watch::Sender<Option<Summary>>,
+    pub urgent: Arc<Urgent>,
+}
+
+impl Writer {
+    /// Hands the note to everyone waiting for it.
+    pub fn finish(self, s: &Summary) {
+        let _ = self.done.send(Some(s.clone()));
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let mut w = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        if w.by_thread.get(&self.thread_id).is_some_and(|p| p.id == self.id) {
+            w.by_thread.remove(&self.thread_id);
+        }
+    }
+}
+
+/// Waits for the same note if it is being written, else becomes its writer
+/// (replacing the writer of an older version of the thread, whose waiters
+/// still get that version's note).
+pub fn turn(writing: &Arc<Mutex<Writing>>, thread_id: &str, key: Key) -> Turn {
+    let mut w = writing.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = w.by_thread.get(thread_id).filter(|p| p.key == key) {
+        return Turn::Wait(Waiter { done: p.done.clone(), urgent: p.urgent.clone() });
+    }
+    w.next_id += 1;
+    let id = w.next_id;
+    let (tx, rx) = watch::channel(None);
+    let urgent = Arc::new(Urgent::default());
+    w.by_thread.insert(thread_id.to_string(), Pending { key, id, done: rx, urgent: urgent.clone() });
+    Turn::Write(Writer { writing: writing.clone(), thread_id: thread_id.to_string(), id, done: tx, urgent })
+}
+
 /// Heap and inline bytes of a stored note, near enough for a budget: its
 /// strings dominate, and serialising counts each of them once.
 fn size_of(s: &Summary) -> usize {
@@ -163,6 +283,49 @@ mod tests {
 
     fn key(i: &SummarizeInput) -> Key {
         Key::of(i, "model", &SummarizeConfig::default())
+    }
+
+    fn write(t: Turn) -> Writer {
+        match t {
+            Turn::Write(w) => w,
+            Turn::Wait(_) => panic!("expected to write"),
+        }
+    }
+
+    fn wait(t: Turn) -> Waiter {
+        match t {
+            Turn::Wait(w) => w,
+            Turn::Write(_) => panic!("expected to wait"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_note_being_written_is_waited_for_not_written_twice() {
+        let writing = Arc::new(Mutex::new(Writing::default()));
+        let (a, a2) = (key(&input("t", &["hello"])), key(&input("t", &["hello", "any news?"])));
+        let first = write(turn(&writing, "t", a));
+        let waiter = wait(turn(&writing, "t", a));
+        // An agent waits: the writer's generations become interactive.
+        assert_eq!(first.urgent.attempt(Priority::Background).0, Priority::Background);
+        waiter.urgent.raise();
+        let (p, raise) = first.urgent.attempt(Priority::Background);
+        assert_eq!(p, Priority::Interactive);
+        assert!(!raise.is_asked(), "a new generation starts interactive; nothing to raise");
+        let (_, running) = first.urgent.attempt(Priority::Background);
+        waiter.urgent.raise();
+        assert!(running.is_asked(), "the running generation is raised");
+        // The grown thread writes its own note; the older writer's waiters keep theirs.
+        let second = write(turn(&writing, "t", a2));
+        let waits = tokio::spawn(waiter.note());
+        first.finish(&summary("t", "first"));
+        assert_eq!(waits.await.unwrap().unwrap().note.summary, "first");
+        assert!(matches!(turn(&writing, "t", a2), Turn::Wait(_)), "the older writer left the newer one's entry alone");
+        // A writer that goes away without a note releases its waiters and its entry.
+        let waiter = wait(turn(&writing, "t", a2));
+        drop(second);
+        assert!(waiter.note().await.is_none());
+        drop(write(turn(&writing, "t", a2)));
+        assert!(writing.lock().unwrap().by_thread.is_empty());
     }
 
     #[test]

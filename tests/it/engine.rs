@@ -379,6 +379,69 @@ fn an_interactive_request_goes_before_background_work() {
     }
 }
 
+/// A background generation raised by its caller is served as interactive:
+/// sent second behind another background one, it is answered first; not
+/// raised, it keeps its place. The in-flight counts move with it.
+#[test]
+fn a_raised_background_request_is_served_as_interactive() {
+    use palaver::llm::batching::Priority;
+    let files = llm_files(models::FIXTURE_LLM);
+    let tok = Llm::load(&files, &Device::Cpu, 0).unwrap();
+    let chat = |order: u32| prompt(&tok, &format!("Customer: my order {order} has not arrived and nobody answers my e-mails.\n").repeat(40));
+    let (first, second) = (chat(48213), chat(771045));
+    drop(tok);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    for raised in [false, true] {
+        let order = rt.block_on(async {
+            let opts = palaver::llm::LlmOptions {
+                prefix_cache_bytes: Some(0),
+                batch: palaver::llm::batching::BatchPolicy { prompt_chunk: 128, ..Default::default() },
+            };
+            let llm = palaver::llm::LlmHandle::spawn(files.clone(), Device::Cpu, opts).unwrap();
+            llm.wait_loaded().await;
+            let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let run = |prompt: Vec<u32>, raise: palaver::llm::Raise, name: &'static str| {
+                let (llm, events) = (llm.clone(), events.clone());
+                async move {
+                    let params = GenerateParams { max_new_tokens: 8, priority: Priority::Background, raise: Some(raise), ..Default::default() };
+                    let g = llm.generate(prompt, None, params, None).await;
+                    events.lock().unwrap().push(name);
+                    g
+                }
+            };
+            let a = tokio::spawn(run(first.clone(), palaver::llm::Raise::new(), "first"));
+            while llm.in_flight() == 0 {
+                tokio::task::yield_now().await;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let raise = palaver::llm::Raise::new();
+            let b = tokio::spawn(run(second.clone(), raise.clone(), "second"));
+            while llm.in_flight() < 2 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(llm.ahead_of(Priority::Interactive), 0);
+            if raised {
+                raise.ask();
+                // Counted as interactive once the model thread applies it.
+                for _ in 0..2000 {
+                    if llm.ahead_of(Priority::Interactive) == 1 {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                assert_eq!((llm.ahead_of(Priority::Interactive), llm.ahead_of(Priority::Background)), (1, 2));
+            }
+            a.await.unwrap().unwrap();
+            b.await.unwrap().unwrap();
+            assert_eq!(llm.in_flight(), 0, "counts back to zero, none below");
+            let order = events.lock().unwrap().clone();
+            order
+        });
+        let expected = if raised { ["second", "first"] } else { ["first", "second"] };
+        assert_eq!(order, expected, "raised: {raised}");
+    }
+}
+
 /// Where prompt rows are exact (AVX-512 VNNI: palaver's int8 GEMM for the
 /// SmolLM2 fixture, its Q4_K and Q6_K kernels for the 1.5B summarizer),
 /// a prompt read in chunks of any size, as the scheduler and prefix reuse read

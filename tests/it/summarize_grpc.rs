@@ -414,6 +414,33 @@ async fn an_unchanged_thread_is_answered_from_its_stored_note() {
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
 }
 
+/// An agent asks for the thread whose background note is being written: it
+/// waits for that note, raised to interactive, instead of a second generation.
+#[tokio::test]
+async fn a_note_being_written_is_shared_with_the_agent_who_asks() {
+    let s = TestServer::start(llm_files(models::FIXTURE_LLM), SummarizeConfig::default(), common::default_opts());
+    s.wait_serving().await;
+    let req = thread("note-shared", &[(Customer, "My order 7710 arrived late and the box was wet."), (Agent, "Sorry! I logged a complaint.")]);
+    let background = pb::SummarizeRequest { priority: pb::Priority::Background as i32, ..req.clone() };
+    let mut client = s.client().await;
+    let mut writing = client.summarize_stream(background).await.expect("stream").into_inner();
+    let opening = loop {
+        if let Some(Chunk::TextDelta(t)) = writing.message().await.expect("chunk").expect("a chunk").chunk {
+            break t;
+        }
+    };
+    let done = s.llm.stats().completed;
+    let (mut agent, waited) = (s.client().await, tokio::spawn(async move { collect(&mut writing).await }));
+    let (chunks, text, shared) = collect(&mut agent.summarize_stream(req).await.expect("agent's stream").into_inner()).await;
+    let (_, background_text, written) = waited.await.unwrap();
+    assert!(matches!(chunks.as_slice(), [Chunk::Preview(_), Chunk::TextDelta(_), Chunk::Response(_)]), "{chunks:?}");
+    assert_eq!(text, opening + &background_text);
+    assert!(!shared.cached, "written for this request's thread while it waited, not stored before");
+    assert_eq!((&shared.summary, &shared.next_steps, &shared.tokens), (&written.summary, &written.next_steps, &written.tokens));
+    let attempts = written.faithfulness.as_ref().unwrap().attempts as u64;
+    assert_eq!(s.llm.stats().completed, done + attempts, "the background request's generations only");
+}
+
 #[tokio::test]
 async fn same_thread_gives_the_same_summary() {
     // Stored notes off: the second call runs the model.
