@@ -377,7 +377,7 @@ impl Summarizer {
 
     /// The stored note for exactly this request (the thread unchanged since it
     /// was written), as served: what the server still answers when every
-    /// model slot is taken.
+    /// request slot is taken.
     pub fn stored(&self, input: &SummarizeInput) -> Option<Summary> {
         let start = Instant::now();
         self.look_up(input).1.map(|s| served(s, start))
