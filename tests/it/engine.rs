@@ -331,49 +331,71 @@ fn a_short_prompt_is_read_before_a_long_one_unless_arrival_order_is_asked() {
     }
 }
 
+/// Two long chats of the fixture model, the second at least as long as the first.
+fn two_chats() -> (palaver::models::LlmFiles, Vec<u32>, Vec<u32>) {
+    let files = llm_files(models::FIXTURE_LLM);
+    let tok = Llm::load(&files, &Device::Cpu, 0).unwrap();
+    let chat = |order: u32| prompt(&tok, &format!("Customer: my order {order} has not arrived and nobody answers my e-mails.\n").repeat(40));
+    let (first, second) = (chat(48213), chat(771045));
+    assert!(first.len() > 600 && second.len() >= first.len(), "{} {}", first.len(), second.len());
+    (files, first, second)
+}
+
+/// Sends `first`; once it is being read, `second`; once both are in flight,
+/// runs `meanwhile`. Returns the order in which they were answered, after
+/// checking that the in-flight counts came back to zero (never below).
+fn answer_order(
+    files: &palaver::models::LlmFiles,
+    first: (Vec<u32>, GenerateParams),
+    second: (Vec<u32>, GenerateParams),
+    meanwhile: impl AsyncFnOnce(&palaver::llm::LlmHandle),
+) -> Vec<&'static str> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let opts = palaver::llm::LlmOptions {
+            prefix_cache_bytes: Some(0),
+            batch: palaver::llm::batching::BatchPolicy { prompt_chunk: 128, ..Default::default() },
+        };
+        let llm = palaver::llm::LlmHandle::spawn(files.clone(), Device::Cpu, opts).unwrap();
+        llm.wait_loaded().await;
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let run = |(prompt, params): (Vec<u32>, GenerateParams), name: &'static str| {
+            let (llm, events) = (llm.clone(), events.clone());
+            async move {
+                let g = llm.generate(prompt, None, params, None).await;
+                events.lock().unwrap().push(name);
+                g
+            }
+        };
+        let a = tokio::spawn(run(first, "first"));
+        // The first is admitted and being read when the second comes.
+        while llm.in_flight() == 0 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let b = tokio::spawn(run(second, "second"));
+        while llm.in_flight() < 2 {
+            tokio::task::yield_now().await;
+        }
+        meanwhile(&llm).await;
+        a.await.unwrap().unwrap();
+        b.await.unwrap().unwrap();
+        assert_eq!(llm.in_flight(), 0);
+        let order = events.lock().unwrap().clone();
+        order
+    })
+}
+
 /// An interactive request that comes second is read and answered before a
 /// background one that came first (and was already being read); two
 /// interactive ones keep their order.
 #[test]
 fn an_interactive_request_goes_before_background_work() {
     use palaver::llm::batching::Priority;
-    let files = llm_files(models::FIXTURE_LLM);
-    let tok = Llm::load(&files, &Device::Cpu, 0).unwrap();
-    let chat = |order: u32| prompt(&tok, &format!("Customer: my order {order} has not arrived and nobody answers my e-mails.\n").repeat(40));
-    let (first, second) = (chat(48213), chat(771045));
-    assert!(first.len() > 600 && second.len() >= first.len(), "{} {}", first.len(), second.len());
-    drop(tok);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (files, first, second) = two_chats();
+    let params = |priority| GenerateParams { max_new_tokens: 8, priority, ..Default::default() };
     for first_priority in [Priority::Background, Priority::Interactive] {
-        let order = rt.block_on(async {
-            let opts = palaver::llm::LlmOptions {
-                prefix_cache_bytes: Some(0),
-                batch: palaver::llm::batching::BatchPolicy { prompt_chunk: 128, ..Default::default() },
-            };
-            let llm = palaver::llm::LlmHandle::spawn(files.clone(), Device::Cpu, opts).unwrap();
-            llm.wait_loaded().await;
-            let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-            let run = |prompt: Vec<u32>, priority, name: &'static str| {
-                let (llm, events) = (llm.clone(), events.clone());
-                async move {
-                    let params = GenerateParams { max_new_tokens: 8, priority, ..Default::default() };
-                    let g = llm.generate(prompt, None, params, None).await;
-                    events.lock().unwrap().push(name);
-                    g
-                }
-            };
-            let a = tokio::spawn(run(first.clone(), first_priority, "first"));
-            // The first is admitted and being read when the second comes.
-            while llm.in_flight() == 0 {
-                tokio::task::yield_now().await;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            let b = tokio::spawn(run(second.clone(), Priority::Interactive, "second"));
-            a.await.unwrap().unwrap();
-            b.await.unwrap().unwrap();
-            let order = events.lock().unwrap().clone();
-            order
-        });
+        let order = answer_order(&files, (first.clone(), params(first_priority)), (second.clone(), params(Priority::Interactive)), async |_| {});
         let expected = if first_priority == Priority::Background { ["second", "first"] } else { ["first", "second"] };
         assert_eq!(order, expected, "first request {first_priority:?}");
     }
@@ -385,40 +407,11 @@ fn an_interactive_request_goes_before_background_work() {
 #[test]
 fn a_raised_background_request_is_served_as_interactive() {
     use palaver::llm::batching::Priority;
-    let files = llm_files(models::FIXTURE_LLM);
-    let tok = Llm::load(&files, &Device::Cpu, 0).unwrap();
-    let chat = |order: u32| prompt(&tok, &format!("Customer: my order {order} has not arrived and nobody answers my e-mails.\n").repeat(40));
-    let (first, second) = (chat(48213), chat(771045));
-    drop(tok);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (files, first, second) = two_chats();
     for raised in [false, true] {
-        let order = rt.block_on(async {
-            let opts = palaver::llm::LlmOptions {
-                prefix_cache_bytes: Some(0),
-                batch: palaver::llm::batching::BatchPolicy { prompt_chunk: 128, ..Default::default() },
-            };
-            let llm = palaver::llm::LlmHandle::spawn(files.clone(), Device::Cpu, opts).unwrap();
-            llm.wait_loaded().await;
-            let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-            let run = |prompt: Vec<u32>, raise: palaver::llm::Raise, name: &'static str| {
-                let (llm, events) = (llm.clone(), events.clone());
-                async move {
-                    let params = GenerateParams { max_new_tokens: 8, priority: Priority::Background, raise: Some(raise), ..Default::default() };
-                    let g = llm.generate(prompt, None, params, None).await;
-                    events.lock().unwrap().push(name);
-                    g
-                }
-            };
-            let a = tokio::spawn(run(first.clone(), palaver::llm::Raise::new(), "first"));
-            while llm.in_flight() == 0 {
-                tokio::task::yield_now().await;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            let raise = palaver::llm::Raise::new();
-            let b = tokio::spawn(run(second.clone(), raise.clone(), "second"));
-            while llm.in_flight() < 2 {
-                tokio::task::yield_now().await;
-            }
+        let raise = palaver::llm::Raise::new();
+        let params = |raise| GenerateParams { max_new_tokens: 8, priority: Priority::Background, raise: Some(raise), ..Default::default() };
+        let order = answer_order(&files, (first.clone(), params(palaver::llm::Raise::new())), (second.clone(), params(raise.clone())), async |llm| {
             assert_eq!(llm.ahead_of(Priority::Interactive), 0);
             if raised {
                 raise.ask();
@@ -431,11 +424,6 @@ fn a_raised_background_request_is_served_as_interactive() {
                 }
                 assert_eq!((llm.ahead_of(Priority::Interactive), llm.ahead_of(Priority::Background)), (1, 2));
             }
-            a.await.unwrap().unwrap();
-            b.await.unwrap().unwrap();
-            assert_eq!(llm.in_flight(), 0, "counts back to zero, none below");
-            let order = events.lock().unwrap().clone();
-            order
         });
         let expected = if raised { ["second", "first"] } else { ["first", "second"] };
         assert_eq!(order, expected, "raised: {raised}");
