@@ -365,6 +365,13 @@ impl PrefixCache {
         Ok(())
     }
 
+    /// Drops `key`'s prompt and answer; whether it held any.
+    pub fn remove(&mut self, key: &str) -> bool {
+        let Some(e) = self.entries.remove(key) else { return false };
+        self.bytes -= e.snap.bytes();
+        true
+    }
+
     /// The last answer kept for `key` (empty if none).
     pub fn answer(&self, key: &str) -> &[u32] {
         self.entries.get(key).map_or(&[], |e| &e.answer)
@@ -512,6 +519,18 @@ mod tests {
         assert_eq!(pc.load("b", &pb, &mut c).unwrap(), 0, "b was least recently used");
         assert_eq!(pc.load("a", &prompt, &mut c).unwrap(), 7);
         assert_eq!(pc.load("c", &pcc, &mut c).unwrap(), 7);
+    }
+
+    #[test]
+    fn a_removed_conversation_lends_nothing() {
+        let mut pc = PrefixCache::new(1 << 30);
+        pc.store("a", &[1, 2, 3, 4], &filled(4, 1.0)).unwrap();
+        pc.store_answer("a", &[9, 9]);
+        assert!(pc.remove("a") && !pc.remove("a"));
+        assert_eq!((pc.len(), pc.bytes()), (0, 0));
+        assert!(pc.answer("a").is_empty());
+        let mut c = SeqCache::new(2, 2, 4, &Device::Cpu);
+        assert_eq!(pc.load("a", &[1, 2, 3, 4, 5], &mut c).unwrap(), 0);
     }
 
     #[test]

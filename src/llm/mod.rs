@@ -144,6 +144,12 @@ impl Llm {
         &self.tokenizer
     }
 
+    /// Drops what is kept of `conversation` (its cached prompt and answer);
+    /// whether anything was.
+    pub fn forget(&mut self, conversation: &str) -> bool {
+        self.prefixes.remove(conversation)
+    }
+
     /// Bytes of prompt caches kept for reuse.
     pub fn prefix_cache_bytes(&self) -> usize {
         self.prefixes.bytes()
@@ -225,6 +231,7 @@ impl Llm {
             started: Instant::now(),
             prompt_time: Duration::ZERO,
             generation_started: None,
+            keep: true,
         })
     }
 
@@ -255,7 +262,9 @@ impl Llm {
             return Ok(None);
         }
         // Only the prompt's positions are kept for the conversation.
-        self.prefixes.store(s.conversation.as_deref().unwrap_or(ANONYMOUS), &s.prompt, &s.cache)?;
+        if s.keep {
+            self.prefixes.store(s.conversation.as_deref().unwrap_or(ANONYMOUS), &s.prompt, &s.cache)?;
+        }
         s.prompt_time = s.started.elapsed();
         s.generation_started = Some(Instant::now());
         let mut input = vec![s.prompt[end - 1]];
@@ -347,7 +356,7 @@ impl Llm {
 
     /// The finished sequence's result; its cache goes back to the pool.
     pub fn finish(&mut self, s: Sequence) -> Result<Generation, LlmError> {
-        if let Some(key) = &s.conversation {
+        if let Some(key) = s.conversation.as_ref().filter(|_| s.keep) {
             self.prefixes.store_answer(key, &s.out);
         }
         let text = self.tokenizer.decode(&s.out, true).map_err(|e| LlmError::Tokenizer(e.to_string()));
@@ -399,9 +408,21 @@ pub struct Sequence {
     started: Instant,
     prompt_time: Duration,
     generation_started: Option<Instant>,
+    /// Whether its prompt and answer are kept for its conversation; off once
+    /// the conversation is forgotten.
+    keep: bool,
 }
 
 impl Sequence {
+    pub fn conversation(&self) -> Option<&str> {
+        self.conversation.as_deref()
+    }
+
+    /// Its prompt and answer are not kept when it ends.
+    pub fn forget(&mut self) {
+        self.keep = false;
+    }
+
     pub fn prompt_left(&self) -> usize {
         self.prompt.len() - self.read
     }

@@ -33,6 +33,15 @@ pub async fn wait_not_loading(mut state: watch::Receiver<ModelState>) -> ModelSt
     s
 }
 
+/// What the model thread is asked to do.
+enum Command {
+    Generate(GenerateJob),
+    /// Drop what is kept of a conversation (its cached prompt and answer);
+    /// its generations under way finish without keeping theirs. Replies
+    /// whether anything was kept.
+    Forget { conversation: String, reply: oneshot::Sender<bool> },
+}
+
 struct GenerateJob {
     prompt: Vec<u32>,
     /// Conversation whose cached prompt prefix may be reused.
@@ -42,6 +51,8 @@ struct GenerateJob {
     stream: Option<mpsc::UnboundedSender<String>>,
     enqueued: Instant,
     reply: oneshot::Sender<Result<Generation, LlmError>>,
+    /// Its conversation was forgotten while it waited: keep nothing of it.
+    forgotten: bool,
 }
 
 /// Counters of the model thread, for metrics and tests.
@@ -126,6 +137,27 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// A new request joins the queue in its place; a conversation is forgotten
+/// at once, its requests queued or running marked to keep nothing.
+fn take(cmd: Command, llm: &mut Llm, waiting: &mut VecDeque<GenerateJob>, batch: &mut [Member]) {
+    match cmd {
+        Command::Generate(job) => {
+            let at = BatchPolicy::queue_position(waiting.iter().map(|j| j.params.priority), job.params.priority);
+            waiting.insert(at, job);
+        }
+        Command::Forget { conversation, reply } => {
+            let of_it = |c: Option<&str>| c == Some(conversation.as_str());
+            for j in waiting.iter_mut().filter(|j| of_it(j.conversation.as_deref())) {
+                j.forgotten = true;
+            }
+            for m in batch.iter_mut().filter(|m| of_it(m.seq.conversation())) {
+                m.seq.forget();
+            }
+            let _ = reply.send(llm.forget(&conversation));
+        }
+    }
+}
+
 /// Background generations whose caller asked for a raise become interactive:
 /// queued ones move up to their place by arrival among interactive ones.
 fn apply_raises(waiting: &mut VecDeque<GenerateJob>, batch: &mut [Member], counters: &Counters) {
@@ -182,7 +214,7 @@ pub struct LlmHandle {
     id: Arc<str>,
     counters: Arc<Counters>,
     tokenizer: Arc<Tokenizer>,
-    tx: mpsc::UnboundedSender<GenerateJob>,
+    tx: mpsc::UnboundedSender<Command>,
     state: watch::Receiver<ModelState>,
 }
 
@@ -258,9 +290,18 @@ impl LlmHandle {
         }
         let _counted = InFlight::enter(&self.counters, &params);
         let (reply, rx) = oneshot::channel();
-        let job = GenerateJob { prompt, conversation, params, stream, enqueued: Instant::now(), reply };
-        self.tx.send(job).map_err(|_| LlmError::WorkerGone)?;
+        let job = GenerateJob { prompt, conversation, params, stream, enqueued: Instant::now(), reply, forgotten: false };
+        self.tx.send(Command::Generate(job)).map_err(|_| LlmError::WorkerGone)?;
         rx.await.map_err(|_| LlmError::WorkerGone)?
+    }
+
+    /// Drops the cached prompt and answer of `conversation`; generations of it
+    /// already queued or running finish without keeping theirs. Whether
+    /// anything was kept.
+    pub async fn forget(&self, conversation: &str) -> Result<bool, LlmError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Forget { conversation: conversation.to_string(), reply }).map_err(|_| LlmError::WorkerGone)?;
+        rx.await.map_err(|_| LlmError::WorkerGone)
     }
 }
 
@@ -268,7 +309,7 @@ fn run(
     files: LlmFiles,
     device: Device,
     opts: LlmOptions,
-    mut rx: mpsc::UnboundedReceiver<GenerateJob>,
+    mut rx: mpsc::UnboundedReceiver<Command>,
     state: watch::Sender<ModelState>,
     counters: &Counters,
 ) {
@@ -284,8 +325,11 @@ fn run(
             tracing::error!(model = %files.id, error = %e, "model failed to load");
             let msg = e.to_string();
             let _ = state.send(ModelState::Failed(msg.clone()));
-            while let Some(job) = rx.blocking_recv() {
-                let _ = job.reply.send(Err(LlmError::LoadFailed(msg.clone())));
+            while let Some(cmd) = rx.blocking_recv() {
+                match cmd {
+                    Command::Generate(job) => drop(job.reply.send(Err(LlmError::LoadFailed(msg.clone())))),
+                    Command::Forget { reply, .. } => drop(reply.send(false)),
+                }
             }
             return;
         }
@@ -300,13 +344,12 @@ fn run(
         if batch.is_empty() && waiting.is_empty() {
             gauges.update(0, 0, llm.prefix_cache_bytes());
             match rx.blocking_recv() {
-                Some(job) => waiting.push_back(job),
+                Some(cmd) => take(cmd, &mut llm, &mut waiting, &mut batch),
                 None => return,
             }
         }
-        while let Ok(job) = rx.try_recv() {
-            let at = BatchPolicy::queue_position(waiting.iter().map(|j| j.params.priority), job.params.priority);
-            waiting.insert(at, job);
+        while let Ok(cmd) = rx.try_recv() {
+            take(cmd, &mut llm, &mut waiting, &mut batch);
         }
         apply_raises(&mut waiting, &mut batch, counters);
         // Callers that went away (client cancelled, deadline passed) leave now.
@@ -332,7 +375,12 @@ fn run(
             let job = waiting.pop_front().expect("admitted from the queue");
             let queue = job.enqueued.elapsed();
             match llm.start(job.prompt.clone(), job.conversation.clone(), job.params.clone()) {
-                Ok(seq) => batch.push(Member { job, seq, queue, overtaken: 0 }),
+                Ok(mut seq) => {
+                    if job.forgotten {
+                        seq.forget();
+                    }
+                    batch.push(Member { job, seq, queue, overtaken: 0 })
+                }
                 Err(e) => {
                     counters.failed.fetch_add(1, Ordering::Relaxed);
                     let _ = job.reply.send(Err(e));

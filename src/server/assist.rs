@@ -235,6 +235,13 @@ impl pb::assist_server::Assist for AssistService {
         Ok(Response::new(to_response(summary)))
     }
 
+    async fn forget_thread(&self, req: Request<pb::ForgetThreadRequest>) -> Result<Response<pb::ForgetThreadResponse>, Status> {
+        let thread_id = req.into_inner().thread_id;
+        let f = self.summarizer.forget(&thread_id).await?;
+        tracing::info!(thread = %thread_id, note = f.note, prompt = f.prompt, "forgotten");
+        Ok(Response::new(pb::ForgetThreadResponse { note_forgotten: f.note, prompt_forgotten: f.prompt }))
+    }
+
     async fn classify_intent(&self, req: Request<pb::ClassifyIntentRequest>) -> Result<Response<pb::ClassifyIntentResponse>, Status> {
         Ok(Response::new(self.classify_intent_impl(req.into_inner()).await?))
     }

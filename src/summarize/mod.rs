@@ -182,6 +182,13 @@ pub struct Summary {
     pub cached: bool,
 }
 
+/// What `Summarizer::forget` found and dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forgotten {
+    pub note: bool,
+    pub prompt: bool,
+}
+
 /// What a streaming caller receives while the summary is generated.
 #[derive(Debug, Clone)]
 pub enum StreamEvent {
@@ -367,7 +374,11 @@ impl Summarizer {
             cached: false,
         };
         if let (Some(key), Ok(mut notes)) = (key, self.notes.lock()) {
-            notes.put(key, &summary);
+            // Checked under the notes lock, which `forget` holds while it marks
+            // the writer: either the note is stored and then forgotten, or never stored.
+            if writer.as_ref().is_none_or(|w| w.keeps()) {
+                notes.put(key, &summary);
+            }
         }
         if let Some(w) = writer {
             w.finish(&summary);
@@ -381,6 +392,26 @@ impl Summarizer {
     pub fn stored(&self, input: &SummarizeInput) -> Option<Summary> {
         let start = Instant::now();
         self.look_up(input).1.map(|s| served(s, start))
+    }
+
+    /// Forgets what is kept of a thread: its stored note, its cached prompt
+    /// and answer (a data-deletion request, a closed chat). A summary of it
+    /// being written now is still answered, but nothing of it is kept.
+    pub async fn forget(&self, thread_id: &str) -> Result<Forgotten, SummarizeError> {
+        if thread_id.is_empty() {
+            return Err(thread::invalid("thread_id", "empty: name the thread to forget"));
+        }
+        let note = {
+            let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
+            self.writing.lock().unwrap_or_else(|e| e.into_inner()).forget(thread_id);
+            notes.forget(thread_id)
+        };
+        // Nothing is cached before the model is loaded.
+        let prompt = match self.llm.state() {
+            crate::llm::ModelState::Ready { .. } => self.llm.forget(thread_id).await?,
+            _ => false,
+        };
+        Ok(Forgotten { note, prompt })
     }
 
     /// The note key of a request whose thread has an id, and the note stored

@@ -92,7 +92,7 @@ impl NoteCache {
     /// the whole budget is not kept.
     pub fn put(&mut self, key: Key, summary: &Summary) {
         let id = summary.thread_id.clone();
-        self.remove(&id);
+        self.forget(&id);
         let bytes = size_of(summary);
         if id.is_empty() || bytes > self.budget {
             return;
@@ -109,11 +109,12 @@ impl NoteCache {
         self.by_thread.insert(id, Entry { key, summary: summary.clone(), bytes, used_at: self.clock });
     }
 
-    fn remove(&mut self, thread_id: &str) {
-        if let Some(e) = self.by_thread.remove(thread_id) {
-            self.order.remove(&e.used_at);
-            self.used -= e.bytes;
-        }
+    /// Drops the thread's note; whether there was one.
+    pub fn forget(&mut self, thread_id: &str) -> bool {
+        let Some(e) = self.by_thread.remove(thread_id) else { return false };
+        self.order.remove(&e.used_at);
+        self.used -= e.bytes;
+        true
     }
 
     pub fn len(&self) -> usize {
@@ -141,6 +142,17 @@ struct Pending {
     id: u64,
     done: watch::Receiver<Option<Summary>>,
     urgent: Arc<Urgent>,
+    discard: Arc<AtomicBool>,
+}
+
+impl Writing {
+    /// The thread was forgotten: its note being written is handed to those
+    /// waiting for it but not stored, and later requests write their own.
+    pub fn forget(&mut self, thread_id: &str) {
+        if let Some(p) = self.by_thread.remove(thread_id) {
+            p.discard.store(true, Ordering::SeqCst);
+        }
+    }
 }
 
 /// What a request whose note is not stored does.
@@ -208,9 +220,15 @@ pub struct Writer {
     id: u64,
     done: watch::Sender<Option<Summary>>,
     pub urgent: Arc<Urgent>,
+    discard: Arc<AtomicBool>,
 }
 
 impl Writer {
+    /// Whether its note is to be stored: not once the thread was forgotten.
+    pub fn keeps(&self) -> bool {
+        !self.discard.load(Ordering::SeqCst)
+    }
+
     /// Hands the note to everyone waiting for it.
     pub fn finish(self, s: &Summary) {
         let _ = self.done.send(Some(s.clone()));
@@ -238,8 +256,9 @@ pub fn turn(writing: &Arc<Mutex<Writing>>, thread_id: &str, key: Key) -> Turn {
     let id = w.next_id;
     let (tx, rx) = watch::channel(None);
     let urgent = Arc::new(Urgent::default());
-    w.by_thread.insert(thread_id.to_string(), Pending { key, id, done: rx, urgent: urgent.clone() });
-    Turn::Write(Writer { writing: writing.clone(), thread_id: thread_id.to_string(), id, done: tx, urgent })
+    let discard = Arc::new(AtomicBool::new(false));
+    w.by_thread.insert(thread_id.to_string(), Pending { key, id, done: rx, urgent: urgent.clone(), discard: discard.clone() });
+    Turn::Write(Writer { writing: writing.clone(), thread_id: thread_id.to_string(), id, done: tx, urgent, discard })
 }
 
 /// Heap and inline bytes of a stored note, near enough for a budget: its
@@ -326,6 +345,17 @@ mod tests {
         assert!(waiter.note().await.is_none());
         drop(write(turn(&writing, "t", a2)));
         assert!(writing.lock().unwrap().by_thread.is_empty());
+        // Forgetting the thread: the writer still answers its waiters, stores
+        // nothing, and the next request writes its own note.
+        let third = write(turn(&writing, "t", a2));
+        let waiter = wait(turn(&writing, "t", a2));
+        assert!(third.keeps());
+        writing.lock().unwrap().forget("t");
+        assert!(!third.keeps());
+        let fresh = write(turn(&writing, "t", a2));
+        third.finish(&summary("t", "third"));
+        assert_eq!(waiter.note().await.unwrap().note.summary, "third");
+        assert!(fresh.keeps());
     }
 
     #[test]
@@ -374,6 +404,10 @@ mod tests {
         // No thread id, no entry: nothing could ask for it again.
         c.put(key(&input("", &["hi"])), &summary("", "anonymous"));
         assert_eq!(c.len(), 1);
+        // Forgotten: gone, its bytes returned.
+        assert!(c.forget("t") && !c.forget("t"));
+        assert!(c.get("t", &key(&a2)).is_none());
+        assert_eq!((c.len(), c.bytes()), (0, 0));
     }
 
     #[test]

@@ -441,6 +441,53 @@ async fn a_note_being_written_is_shared_with_the_agent_who_asks() {
     assert_eq!(s.llm.stats().completed, done + attempts, "the background request's generations only");
 }
 
+/// ForgetThread drops the stored note and the cached prompt and answer, also
+/// of a summary being written when it comes.
+#[tokio::test]
+async fn a_forgotten_thread_keeps_nothing() {
+    let s = TestServer::start(llm_files(models::FIXTURE_LLM), SummarizeConfig::default(), common::default_opts());
+    s.wait_serving().await;
+    let exact = palaver::llm::prompt_rows_exact(&candle_core::Device::Cpu);
+    let req = thread("forget-1", &[(Customer, "My order 7710 arrived late and the box was wet."), (Agent, "Sorry! I logged a complaint.")]);
+    let forget = |id: &str| {
+        let (client, id) = (s.client(), id.to_string());
+        async move { client.await.forget_thread(pb::ForgetThreadRequest { thread_id: id }).await.map(|r| r.into_inner()) }
+    };
+    s.client().await.summarize(req.clone()).await.expect("summarize");
+    assert!(s.client().await.summarize(req.clone()).await.expect("summarize").into_inner().cached);
+    let f = forget("forget-1").await.expect("forget");
+    assert_eq!((f.note_forgotten, f.prompt_forgotten), (true, exact));
+    // Asked again: no note, and no prompt to reuse (the only one cached was this thread's).
+    let after = s.client().await.summarize(req.clone()).await.expect("summarize").into_inner();
+    assert!(!after.cached);
+    assert_eq!(after.tokens.unwrap().reused_prompt_tokens, 0);
+    let f = forget("never-seen").await.expect("forget");
+    assert_eq!((f.note_forgotten, f.prompt_forgotten), (false, false));
+    let err = forget("").await.expect_err("no thread id");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("thread_id: "), "{}", err.message());
+
+    // Forgotten while its summary is written (its prompt read and cached, its
+    // answer under way): the summary is answered, nothing of it is kept.
+    let long = thread("forget-2", &[(Customer, "Please write me a very long story about my lost parcel."), (Agent, "Sure.")]);
+    let mut client = s.client().await;
+    let mut stream = client.summarize_stream(long.clone()).await.expect("stream").into_inner();
+    let mut deltas = 0;
+    while deltas < 2 {
+        deltas += usize::from(matches!(stream.message().await.expect("chunk").expect("a chunk").chunk, Some(Chunk::TextDelta(_))));
+    }
+    let f = forget("forget-2").await.expect("forget");
+    assert_eq!(f.prompt_forgotten, exact, "the prompt was read and cached before the first answer token");
+    let (_, _, written) = collect(&mut stream).await;
+    assert!(!written.summary.is_empty());
+    let after = s.client().await.summarize(long).await.expect("summarize").into_inner();
+    assert!(!after.cached, "the note written while forgetting was not stored");
+    // Its kept prompt would lend all but the last token; the instructions
+    // before the transcript still come from forget-1's prompt.
+    let t = after.tokens.unwrap();
+    assert!(t.reused_prompt_tokens + 30 < t.prompt_tokens, "{t:?}");
+}
+
 #[tokio::test]
 async fn same_thread_gives_the_same_summary() {
     // Stored notes off: the second call runs the model.
