@@ -172,6 +172,7 @@ pub struct Metrics {
     pub summarize_tokens: Family<Counter>,
     pub summarize_faithfulness: Family<Counter>,
     pub summarize_note_cache: Family<Counter>,
+    pub summarize_note_cache_bytes: Family<Gauge>,
     pub llm_sequences: Family<Gauge>,
     pub llm_passes: Family<Counter>,
     pub llm_rows: Family<Counter>,
@@ -225,6 +226,12 @@ impl Metrics {
                 &["outcome"],
                 Counter::default,
             ),
+            summarize_note_cache_bytes: Family::new(
+                "palaver_summarize_note_cache_bytes",
+                "Bytes of stored notes (--note-cache-mb).",
+                &[],
+                Gauge::default,
+            ),
             llm_sequences: Family::new(
                 "palaver_llm_sequences",
                 "Generations at the model thread: waiting for admission, or running in the batch.",
@@ -275,6 +282,7 @@ impl Metrics {
         self.summarize_tokens.render(&mut out);
         self.summarize_faithfulness.render(&mut out);
         self.summarize_note_cache.render(&mut out);
+        self.summarize_note_cache_bytes.render(&mut out);
         self.llm_sequences.render(&mut out);
         self.llm_passes.render(&mut out);
         self.llm_rows.render(&mut out);

@@ -378,6 +378,7 @@ impl Summarizer {
             // the writer: either the note is stored and then forgotten, or never stored.
             if writer.as_ref().is_none_or(|w| w.keeps()) {
                 notes.put(key, &summary);
+                export_bytes(&notes);
             }
         }
         if let Some(w) = writer {
@@ -404,7 +405,9 @@ impl Summarizer {
         let note = {
             let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
             self.writing.lock().unwrap_or_else(|e| e.into_inner()).forget(thread_id);
-            notes.forget(thread_id)
+            let had = notes.forget(thread_id);
+            export_bytes(&notes);
+            had
         };
         // Nothing is cached before the model is loaded.
         let prompt = match self.llm.state() {
@@ -517,6 +520,10 @@ impl Summarizer {
         gen.text.insert_str(0, &start);
         Ok((gen, tok_ms))
     }
+}
+
+fn export_bytes(notes: &notes::NoteCache) {
+    crate::metrics::global().summarize_note_cache_bytes.with(&[]).set(notes.bytes() as i64);
 }
 
 /// A stored note as a response: no model work, so no prompt read, nothing

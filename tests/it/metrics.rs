@@ -82,6 +82,7 @@ async fn calls_are_counted_by_method_and_code_and_responses_feed_their_phases() 
     grew(&before, &after, "palaver_summarize_phase_seconds_count{phase=\"total\"}", 3.0);
     grew(&before, &after, "palaver_summarize_note_cache_total{outcome=\"miss\"}", 2.0);
     grew(&before, &after, "palaver_summarize_note_cache_total{outcome=\"hit\"}", 1.0);
+    assert!(after.get("palaver_summarize_note_cache_bytes").is_some_and(|b| *b > 0.0), "stored notes take memory");
     grew(&before, &after, "palaver_summarize_tokens_total{kind=\"prompt\"}", 20.0);
     grew(&before, &after, "palaver_summarize_tokens_total{kind=\"generated\"}", 2.0);
     let model = models::FIXTURE_LLM;
