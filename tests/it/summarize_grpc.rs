@@ -441,6 +441,29 @@ async fn a_note_being_written_is_shared_with_the_agent_who_asks() {
     assert_eq!(s.llm.stats().completed, done + attempts, "the background request's generations only");
 }
 
+/// Six agents open the same chat at once: one generation serves them all.
+#[tokio::test]
+async fn concurrent_requests_for_one_thread_share_one_generation() {
+    let s = TestServer::start(llm_files(models::FIXTURE_LLM), SummarizeConfig::default(), common::default_opts());
+    s.wait_serving().await;
+    let req = thread("note-crowd", &[(Customer, "My order 7710 arrived late and the box was wet."), (Agent, "Sorry! I logged a complaint.")]);
+    let before = s.llm.stats().completed;
+    let mut calls = Vec::new();
+    for _ in 0..6 {
+        let (mut client, req) = (s.client().await, req.clone());
+        calls.push(tokio::spawn(async move { client.summarize(req).await.expect("summarize").into_inner() }));
+    }
+    let mut answers = Vec::new();
+    for c in calls {
+        answers.push(c.await.unwrap());
+    }
+    let attempts = answers.iter().map(|a| a.faithfulness.as_ref().unwrap().attempts).max().unwrap() as u64;
+    assert_eq!(s.llm.stats().completed - before, attempts, "one writer's generations only");
+    for a in &answers {
+        assert_eq!((&a.summary, &a.next_steps, a.status), (&answers[0].summary, &answers[0].next_steps, answers[0].status));
+    }
+}
+
 /// ForgetThread drops the stored note and the cached prompt and answer, also
 /// of a summary being written when it comes.
 #[tokio::test]
