@@ -15,6 +15,9 @@
 //!       # the burst sent as background work (`priority`), and 1 new thread DELAY_S into it as an
 //!       # agent's request; BURST_PRIORITY=interactive (the default) for the same load without priorities;
 //!       # BACKGROUND_RIDERS=n (`--background-riders`, default 0)
+//!   CLIENTS=1 GROWING=3 EVERY_S=2 cargo bench --bench summary_load
+//!       # instead of the burst: one thread growing by a customer message every EVERY_S s, a
+//!       # background note asked after each (NOTE_CACHE_MB=0: every note written in full)
 //!   CLIENTS=4 BURST_PRIORITY=background OPENED=1 DELAY_S=10 cargo bench --bench summary_load
 //!       # 1 of the burst's threads asked for again, unchanged, by an agent DELAY_S into the burst:
 //!       # it waits for the note being written, raised to interactive; NOTE_CACHE_MB=0
@@ -70,6 +73,38 @@ fn send_later(ch: &Channel, req: pb::SummarizeRequest, delay: Duration, label: &
     })
 }
 
+/// A customer who writes `n` messages `every` apart, each answered by a
+/// background note of the thread so far: when each note came, or that it was
+/// abandoned for a longer thread's.
+async fn growing_thread(ch: &Channel, base: &palaver::summarize::thread::SummarizeInput, n: usize, every: Duration) {
+    let mut versions = vec![base.clone()];
+    for i in 1..n {
+        versions.push(palaver::eval::grown(&versions[i - 1], &i.to_string()));
+    }
+    let started = Instant::now();
+    let tasks: Vec<_> = versions
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let mut c = AssistClient::new(ch.clone());
+            let req = pb::SummarizeRequest { priority: pb::Priority::Background as i32, ..request(v, "growing") };
+            tokio::spawn(async move {
+                tokio::time::sleep(every * i as u32).await;
+                let r = c.summarize(req).await;
+                (started.elapsed().as_secs_f64(), r.map(|r| r.into_inner().tokens.unwrap_or_default().generated_tokens).map_err(|e| e.code()))
+            })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (at, r) = t.await.unwrap();
+        match r {
+            Ok(generated) => println!("message {}: background note at {at:.1} s ({generated} tokens generated)", i + 1),
+            Err(code) => println!("message {}: {code:?} at {at:.1} s", i + 1),
+        }
+    }
+    println!("all {n} notes answered after {:.1} s", started.elapsed().as_secs_f64());
+}
+
 fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
@@ -83,6 +118,8 @@ async fn main() {
     let resummarise: usize = std::env::var("RESUMMARISE").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     let late_new: usize = std::env::var("LATE_NEW").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     let opened: usize = std::env::var("OPENED").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let growing: usize = std::env::var("GROWING").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let every = Duration::from_secs_f64(std::env::var("EVERY_S").ok().and_then(|s| s.parse().ok()).unwrap_or(2.0));
     let burst_priority = match std::env::var("BURST_PRIORITY").as_deref() {
         Ok("background") => pb::Priority::Background,
         Ok("interactive") | Err(_) => pb::Priority::Interactive,
@@ -136,6 +173,9 @@ async fn main() {
         println!("solo {i}: {:.1} s, prompt {} tokens, generated {}", solo[i], tk.prompt_tokens, tk.generated_tokens);
     }
     let solo_mean = solo.iter().sum::<f64>() / solo.len() as f64;
+    if growing > 0 {
+        return growing_thread(&ch, &palaver::eval::long_thread(&dialogs, 999, tokens, count), growing, every).await;
+    }
     // Threads to re-summarise during the burst, summarised once beforehand;
     // the first is also grown and re-summarised alone, for the ratio.
     let mut grown = Vec::new();
