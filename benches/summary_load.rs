@@ -105,6 +105,19 @@ async fn growing_thread(ch: &Channel, base: &palaver::summarize::thread::Summari
     println!("all {n} notes answered after {:.1} s", started.elapsed().as_secs_f64());
 }
 
+/// The latencies `send_later` tasks resolve to, in their order.
+async fn latencies(tasks: Vec<tokio::task::JoinHandle<f64>>) -> Vec<f64> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+fn shown(latencies: &[f64]) -> String {
+    latencies.iter().map(|l| format!("{l:.1} s")).collect::<Vec<_>>().join(", ")
+}
+
 fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
@@ -274,38 +287,26 @@ async fn main() {
         pct(&firsts, 0.95)
     );
     if late_new > 0 {
-        let mut shown = Vec::new();
-        for t in late_tasks {
-            shown.push(format!("{:.1} s", t.await.unwrap()));
-        }
         println!(
             "{late_new} new thread(s) sent {:.0} s into the {burst_priority:?} burst: {} (alone: {solo_mean:.1} s)",
             delay.as_secs_f64(),
-            shown.join(", ")
+            shown(&latencies(late_tasks).await)
         );
     }
     if opened > 0 {
-        let mut shown = Vec::new();
-        for t in opened_tasks {
-            shown.push(format!("{:.1} s", t.await.unwrap()));
-        }
         println!(
             "{opened} of the {burst_priority:?} burst's threads asked for again by an agent {:.0} s into it: {} (alone: {solo_mean:.1} s)",
             delay.as_secs_f64(),
-            shown.join(", ")
+            shown(&latencies(opened_tasks).await)
         );
     }
     if let Some(solo_re) = solo_re {
-        let mut re = Vec::new();
-        for t in re_tasks {
-            re.push(t.await.unwrap());
-        }
-        let shown: Vec<String> = re.iter().map(|l| format!("{l:.1} s")).collect();
+        let re = latencies(re_tasks).await;
         let worst = re.iter().cloned().fold(0.0, f64::max);
         println!(
             "{resummarise} re-summarised {:.0} s into the burst: {} ({:.1}x alone at worst)",
             delay.as_secs_f64(),
-            shown.join(", "),
+            shown(&re),
             worst / solo_re
         );
     }
