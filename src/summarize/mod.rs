@@ -377,8 +377,7 @@ impl Summarizer {
             // Checked under the notes lock, which `forget` holds while it marks
             // the writer: either the note is stored and then forgotten, or never stored.
             if writer.as_ref().is_none_or(|w| w.keeps()) {
-                notes.put(key, &summary);
-                export_bytes(&notes);
+                counting_bytes(&mut notes, |n| n.put(key, &summary));
             }
         }
         if let Some(w) = writer {
@@ -405,9 +404,7 @@ impl Summarizer {
         let note = {
             let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
             self.writing.lock().unwrap_or_else(|e| e.into_inner()).forget(thread_id);
-            let had = notes.forget(thread_id);
-            export_bytes(&notes);
-            had
+            counting_bytes(&mut notes, |n| n.forget(thread_id))
         };
         // Nothing is cached before the model is loaded.
         let prompt = match self.llm.state() {
@@ -522,8 +519,14 @@ impl Summarizer {
     }
 }
 
-fn export_bytes(notes: &notes::NoteCache) {
-    crate::metrics::global().summarize_note_cache_bytes.with(&[]).set(notes.bytes() as i64);
+/// Runs `change` on the stored notes and adds the bytes it took or freed to
+/// the gauge: by deltas, so that the gauge sums every summarizer in the
+/// process (one in a server, several in the tests).
+fn counting_bytes<R>(notes: &mut notes::NoteCache, change: impl FnOnce(&mut notes::NoteCache) -> R) -> R {
+    let before = notes.bytes() as i64;
+    let r = change(notes);
+    crate::metrics::global().summarize_note_cache_bytes.with(&[]).add(notes.bytes() as i64 - before);
+    r
 }
 
 /// A stored note as a response: no model work, so no prompt read, nothing
