@@ -222,6 +222,14 @@ pub struct Summarizer {
     writing: Arc<Mutex<notes::Writing>>,
 }
 
+/// A request after its note was looked up: the stored note, or what the model needs.
+// Lives for one hop off the runtime; boxing either variant would only move the bytes.
+#[allow(clippy::large_enum_variant)]
+enum Ready {
+    Stored(Summary),
+    Fresh(Prepared),
+}
+
 /// The prompt-independent part of a request, computed off the async runtime.
 struct Prepared {
     language: Language,
@@ -276,16 +284,16 @@ impl Summarizer {
         let (key, ready, input) = tokio::task::spawn_blocking(move || {
             let (key, stored) = this.look_up(&input);
             let ready = match stored {
-                Some(s) => Ok(Err(s)),
-                None => this.prepare(&input).map(Ok),
+                Some(s) => Ok(Ready::Stored(s)),
+                None => this.prepare(&input).map(Ready::Fresh),
             };
             (key, ready, input)
         })
         .await
         .map_err(|e| SummarizeError::Internal(e.to_string()))?;
         let prepared = match ready? {
-            Ok(p) => p,
-            Err(stored) => {
+            Ready::Fresh(p) => p,
+            Ready::Stored(stored) => {
                 let s = served(stored, start);
                 if let Some(out) = &stream {
                     for ev in replay(&s) {
