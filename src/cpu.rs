@@ -26,6 +26,48 @@ pub fn avx512_vnni() -> bool {
     }
 }
 
+/// Whether AMX int8 tiles are there and this process may use them: the CPU
+/// has AMX-TILE and AMX-INT8 (and AVX-512 F for the kernel's bookkeeping), and
+/// Linux granted the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`),
+/// without which the first tile instruction would kill the process.
+/// `PALAVER_AMX=off` keeps the VNNI kernels (the results are the same bit for
+/// bit; the switch is for comparing speeds). Checked once.
+pub fn amx() -> bool {
+    static AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AMX.get_or_init(|| amx_in_cpu() && std::env::var("PALAVER_AMX").map_or(true, |v| v != "off") && amx_permitted())
+}
+
+/// AMX-TILE and AMX-INT8 in CPUID (leaf 7, EDX bits 24 and 25), with AVX-512 F.
+pub fn amx_in_cpu() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // CPUID leaf 7 exists on every x86-64 CPU with AVX-512.
+        avx512f() && {
+            let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+            edx & (1 << 24) != 0 && edx & (1 << 25) != 0
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Asks Linux for the tile data state (granted once per process).
+fn amx_permitted() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a request for a permission; it touches no memory of ours.
+        unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        false
+    }
+}
+
 /// Dot product in 16 independent lanes summed as a tree, so that it
 /// vectorises and its reduction is a few shuffles rather than 15 dependent
 /// adds (a single accumulator would pin the order and stay scalar).

@@ -2,6 +2,8 @@
 //! by palaver's own forward in `transformer`), greedy generation with
 //! streaming, prompt reuse per conversation, and the thread that owns a model.
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 pub mod attention;
 pub mod batching;
 pub mod draft;

@@ -31,6 +31,9 @@ pub(super) const TILE: usize = 32;
 /// Input rows per micro-kernel call: 4 rows x 2 vectors = 8 integer and 8
 /// float accumulators, leaving registers for the weights and broadcasts.
 const ROWS: usize = 4;
+/// Fewest rows worth AMX tiles: below this a decode step is bound by reading
+/// the weights, which tiles do not make faster.
+const AMX_MIN_ROWS: usize = 8;
 /// Rows quantized and multiplied per parallel task: keeps a task's activations
 /// (rows x k bytes) in L2 while the weight tiles stream past them.
 const ROW_CHUNK: usize = 64;
@@ -169,6 +172,17 @@ impl PackedWeight {
         let cols = TILE.min(self.n - t * TILE);
         let out = out.add(t * TILE);
         let mut r = 0;
+        #[cfg(target_arch = "x86_64")]
+        if fast && xq.rows >= AMX_MIN_ROWS && crate::cpu::amx() {
+            // 16 rows a call; the same numbers as the VNNI kernel below.
+            while r < xq.rows {
+                let rows = super::amx::ROWS.min(xq.rows - r);
+                let (x, xs, xo) = (xq.q.as_ptr().add(r * self.k), xq.scale.as_ptr().add(r * blocks), xq.offset.as_ptr().add(r * blocks));
+                super::amx::q8_0_tile(x, self.k, rows, xs, xo, w.as_ptr(), s.as_ptr(), out.add(r * self.n), self.n, cols);
+                r += rows;
+            }
+            return;
+        }
         while r < xq.rows {
             let rows = ROWS.min(xq.rows - r);
             let dst = out.add(r * self.n);
@@ -498,6 +512,21 @@ pub(super) mod tests {
             let (x, w) = (rnd(m * k, 3 + k as u64), rnd(n * k, 5 + m as u64));
             vector_equals_scalar(&PackedWeight::from_f32(&w, n, k), &x, m);
         }
+    }
+
+    /// Where AMX tiles run, the bit-for-bit tests above and below take them
+    /// for 8 rows or more (and the VNNI kernel for fewer); elsewhere the tile
+    /// kernel must never be chosen.
+    #[test]
+    fn amx_tiles_are_chosen_only_where_the_cpu_has_them() {
+        if !crate::cpu::amx_in_cpu() {
+            assert!(!crate::cpu::amx(), "AMX chosen on a CPU without it");
+            return;
+        }
+        eprintln!("AMX tiles in use: {}", crate::cpu::amx());
+        let (m, n, k) = (37, 70, 320);
+        let (x, w) = (rnd(m * k, 23), rnd(n * k, 29));
+        vector_equals_scalar(&PackedWeight::from_f32(&w, n, k), &x, m);
     }
 
     #[test]

@@ -1,0 +1,84 @@
+//! `src/llm/amx.rs` against a scalar reference on an emulated CPU with AMX,
+//! for machines without it (run.sh). Freestanding: prints on port 0xE9,
+//! which Bochs copies to its output. Compiled for baseline x86-64, so that
+//! only the kernel itself uses AVX-512 and AMX.
+#![no_std]
+use core::arch::asm;
+use core::fmt::Write;
+
+#[path = "../../src/llm/amx.rs"]
+mod amx;
+
+struct E9;
+impl Write for E9 {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        for b in s.bytes() { unsafe { asm!("out dx, al", in("dx") 0xe9u16, in("al") b) } }
+        Ok(())
+    }
+}
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! { let _ = writeln!(E9, "PANIC {info}"); loop { unsafe { asm!("cli; hlt") } } }
+
+struct Rng(u64);
+impl Rng { fn next(&mut self) -> u64 { self.0 ^= self.0 << 13; self.0 ^= self.0 >> 7; self.0 ^= self.0 << 17; self.0 } fn below(&mut self, n: u64) -> u64 { self.next() % n } }
+
+/// IEEE half to single precision, exactly (subnormals included).
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31; let e = ((h >> 10) & 0x1f) as u32; let m = (h & 0x3ff) as u32;
+    let bits = if e == 0 { if m == 0 { sign } else { let mut e2 = 127 - 15 + 1; let mut m2 = m; while m2 & 0x400 == 0 { m2 <<= 1; e2 -= 1; } sign | ((e2 as u32) << 23) | ((m2 & 0x3ff) << 13) } }
+        else if e == 31 { sign | 0x7f80_0000 | (m << 13) } else { sign | ((e + 127 - 15) << 23) | (m << 13) };
+    f32::from_bits(bits)
+}
+#[target_feature(enable = "fma")]
+unsafe fn fma(a: f32, b: f32, c: f32) -> f32 {
+    use core::arch::x86_64::*;
+    _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a), _mm_set_ss(b), _mm_set_ss(c)))
+}
+
+static mut X: [i8; 16 * 512] = [0; 16 * 512];
+static mut XS: [f32; 16 * 16] = [0.0; 256];
+static mut XO: [i32; 16 * 16] = [0; 256];
+static mut W: [u8; 512 * 32] = [0; 512 * 32];
+static mut S: [u16; 16 * 32] = [0; 512];
+static mut OUT: [f32; 16 * 40] = [0.0; 640];
+
+#[no_mangle]
+pub extern "C" fn kmain() {
+    let mut rng = Rng(0x9e3779b97f4a7c15);
+    let (mut cases, mut bad_cases) = (0, 0);
+    unsafe {
+        let (x, xs, xo, w, s, out) = (&raw mut X, &raw mut XS, &raw mut XO, &raw mut W, &raw mut S, &raw mut OUT);
+        for _ in 0..40 {
+            let rows = 1 + rng.below(16) as usize;
+            let k = 32 * (1 + rng.below(16) as usize);
+            let cols = 1 + rng.below(32) as usize;
+            let ldo = 40;
+            let blocks = k / 32;
+            for r in 0..rows { for b in 0..blocks {
+                let mut sum = 0i32;
+                for i in 0..32 { let v = rng.below(255) as i32 - 127; (*x)[r * k + b * 32 + i] = v as i8; sum += v; }
+                (*xo)[r * blocks + b] = -128 * sum;
+                (*xs)[r * blocks + b] = (rng.below(1 << 20) as f32 + 1.0) * 1e-7;
+            } }
+            for i in 0..k * 32 { (*w)[i] = rng.below(256) as u8; }
+            for i in 0..blocks * 32 { (*s)[i] = 0x1000 + rng.below(0x3000) as u16; } // finite, normal f16
+            for v in (*out).iter_mut() { *v = f32::NAN; }
+            amx::q8_0_tile((*x).as_ptr(), k, rows, (*xs).as_ptr(), (*xo).as_ptr(), (*w).as_ptr(), (*s).as_ptr(), (*out).as_mut_ptr(), ldo, cols);
+            let mut bad = 0;
+            for r in 0..rows { for c in 0..40 {
+                let got = (*out)[r * ldo + c];
+                if c >= cols { if !got.is_nan() { bad += 1; } continue; }
+                let mut f = 0f32;
+                for b in 0..blocks {
+                    let mut acc = (*xo)[r * blocks + b];
+                    for i in 0..32 { acc += (*x)[r * k + b * 32 + i] as i32 * (*w)[(b * 8 + i / 4) * 128 + c * 4 + i % 4] as i32; }
+                    f = fma(acc as f32, f16_to_f32((*s)[b * 32 + c]) * (*xs)[r * blocks + b], f);
+                }
+                if f.to_bits() != got.to_bits() { bad += 1; }
+            } }
+            cases += 1;
+            if bad > 0 { bad_cases += 1; let _ = writeln!(E9, "rows {rows} k {k} cols {cols}: {bad} values differ"); }
+        }
+    }
+    let _ = writeln!(E9, "AMX q8_0_tile against the scalar reference: {cases} random shapes, {bad_cases} with differences");
+}

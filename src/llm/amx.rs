@@ -1,0 +1,119 @@
+//! AMX tiles for the Q8_0 GEMM of [`super::qgemm`]: up to 16 input rows by a
+//! tile of 32 output columns per call, block by block.
+//!
+//! One `tdpbsud` multiplies 16 rows by 16 columns over a whole block of 32
+//! inputs (signed activations by the weights' unsigned `q + 128`), where
+//! `vpdpbusd` does one row by 16 columns over 4 inputs. The weights need no
+//! repacking: a block of a packed tile is `[8 groups of 4 inputs][32 columns][4]`,
+//! which read with a stride of 128 bytes is the tile layout AMX wants (K/4
+//! rows of 16 columns x 4 bytes), one half of the columns at a time.
+//!
+//! Scales differ per block, so each block's integer sums leave the tiles and
+//! take the same steps as in the VNNI kernel and the scalar reference: add
+//! the activation's `-128 * Σx`, convert, `f = fma(float(acc), d_w * d_x, f)`.
+//! Integer sums are exact in any order, so the results are bit-identical to
+//! theirs (tested where AMX runs, and under an emulator: BENCHMARKS.md).
+//!
+//! Only `core` is used, so that the same file can be built into a
+//! freestanding test for an emulated CPU (`benches/amx/`).
+
+use core::arch::asm;
+use core::arch::x86_64::*;
+
+/// Inputs per quantization block.
+const BLOCK: usize = 32;
+/// Output columns per packed tile.
+const TILE: usize = 32;
+/// Most rows per call: a tile register holds 16 rows.
+pub const ROWS: usize = 16;
+
+/// Tile register configuration (palette 1), 64 bytes as `ldtilecfg` reads it.
+#[repr(C, align(64))]
+struct Config([u8; 64]);
+
+impl Config {
+    /// tmm0, tmm1: sums (rows x 16 i32); tmm2: activations (rows x 32 i8);
+    /// tmm3, tmm4: weights of columns 0-15 and 16-31 (8 x 64 u8).
+    fn new(rows: usize) -> Self {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let shapes = [(rows, 64), (rows, 64), (rows, BLOCK), (BLOCK / 4, 64), (BLOCK / 4, 64)];
+        for (t, (r, bytes)) in shapes.into_iter().enumerate() {
+            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&(bytes as u16).to_le_bytes());
+            c[48 + t] = r as u8;
+        }
+        Self(c)
+    }
+}
+
+/// `rows` (at most [`ROWS`]) input rows times one packed tile, written into
+/// `out` (row stride `ldo`, first `cols` columns).
+///
+/// - `x`: the rows' int8 activations, row stride `k`;
+/// - `xs`, `xo`: their per-block scales and `-128 * Σx`, row stride `k / 32`;
+/// - `w`, `s`: the tile's packed weights and f16 scales (`[block][32]`).
+///
+/// # Safety
+/// AMX-TILE and AMX-INT8 usable by this thread (see `crate::cpu::amx`) and
+/// AVX-512 F present; every pointer valid for the sizes above.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn q8_0_tile(
+    x: *const i8,
+    k: usize,
+    rows: usize,
+    xs: *const f32,
+    xo: *const i32,
+    w: *const u8,
+    s: *const u16,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    debug_assert!((1..=ROWS).contains(&rows) && k.is_multiple_of(BLOCK) && cols <= TILE);
+    let blocks = k / BLOCK;
+    let cfg = Config::new(rows);
+    let mut sums = [[0i32; 16]; 2 * ROWS];
+    let mut f = [[_mm512_setzero_ps(); 2]; ROWS];
+    asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+    for b in 0..blocks {
+        let wb = w.add(b * BLOCK * TILE);
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tileloadd tmm2, [{x} + {k}*1]",
+            "tileloadd tmm3, [{w0} + {ws}*1]",
+            "tileloadd tmm4, [{w1} + {ws}*1]",
+            "tdpbsud tmm0, tmm2, tmm3",
+            "tdpbsud tmm1, tmm2, tmm4",
+            "tilestored [{lo} + {ss}*1], tmm0",
+            "tilestored [{hi} + {ss}*1], tmm1",
+            x = in(reg) x.add(b * BLOCK),
+            k = in(reg) k,
+            w0 = in(reg) wb,
+            w1 = in(reg) wb.add(64),
+            ws = in(reg) TILE * 4,
+            lo = in(reg) sums.as_mut_ptr(),
+            hi = in(reg) sums.as_mut_ptr().add(ROWS),
+            ss = in(reg) 64usize,
+            options(nostack),
+        );
+        let s0 = _mm512_cvtph_ps(_mm256_loadu_si256(s.add(b * TILE) as *const __m256i));
+        let s1 = _mm512_cvtph_ps(_mm256_loadu_si256(s.add(b * TILE + 16) as *const __m256i));
+        for (i, fi) in f.iter_mut().enumerate().take(rows) {
+            let o = _mm512_set1_epi32(*xo.add(i * blocks + b));
+            let a0 = _mm512_add_epi32(o, _mm512_loadu_si512(sums[i].as_ptr() as *const __m512i));
+            let a1 = _mm512_add_epi32(o, _mm512_loadu_si512(sums[ROWS + i].as_ptr() as *const __m512i));
+            let dx = _mm512_set1_ps(*xs.add(i * blocks + b));
+            fi[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0), _mm512_mul_ps(s0, dx), fi[0]);
+            fi[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1), _mm512_mul_ps(s1, dx), fi[1]);
+        }
+    }
+    asm!("tilerelease", options(nostack, nomem));
+    let m0: __mmask16 = if cols >= 16 { 0xffff } else { ((1u32 << cols) - 1) as u16 };
+    let m1: __mmask16 = if cols >= 32 { 0xffff } else if cols > 16 { ((1u32 << (cols - 16)) - 1) as u16 } else { 0 };
+    for (i, fi) in f.iter().enumerate().take(rows) {
+        _mm512_mask_storeu_ps(out.add(i * ldo), m0, fi[0]);
+        _mm512_mask_storeu_ps(out.add(i * ldo + 16), m1, fi[1]);
+    }
+}
