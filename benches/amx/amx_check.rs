@@ -1,4 +1,4 @@
-//! `src/llm/amx.rs` against a scalar reference on an emulated CPU with AMX,
+//! The kernels of `src/llm/amx.rs` against scalar references on an emulated CPU with AMX,
 //! for machines without it (run.sh). Freestanding: prints on port 0xE9,
 //! which Bochs copies to its output. Compiled for baseline x86-64, so that
 //! only the kernel itself uses AVX-512 and AMX.
@@ -41,6 +41,12 @@ static mut XO: [i32; 16 * 16] = [0; 256];
 static mut W: [u8; 512 * 32] = [0; 512 * 32];
 static mut S: [u16; 16 * 32] = [0; 512];
 static mut OUT: [f32; 16 * 40] = [0.0; 640];
+static mut QS: [u8; 4 * 4096] = [0; 4 * 4096];
+static mut SC: [u8; 4 * 256] = [0; 4 * 256];
+static mut MN: [u8; 4 * 256] = [0; 4 * 256];
+static mut D: [u16; 4 * 32] = [0; 128];
+static mut DMIN: [u16; 4 * 32] = [0; 128];
+static mut XS4: [i32; 16 * 16] = [0; 256];
 
 #[no_mangle]
 pub extern "C" fn kmain() {
@@ -81,4 +87,62 @@ pub extern "C" fn kmain() {
         }
     }
     let _ = writeln!(E9, "AMX q8_0_tile against the scalar reference: {cases} random shapes, {bad_cases} with differences");
+    let (cases4, bad4) = unsafe { q4_k(&mut rng) };
+    let _ = writeln!(E9, "AMX q4_k_tile against the scalar reference: {cases4} random shapes, {bad4} with differences");
+}
+
+/// `q4_k_tile` against the arithmetic of `PackedQ4K::scalar_row`, on random
+/// packed arrays: up to 4 super-blocks.
+unsafe fn q4_k(rng: &mut Rng) -> (usize, usize) {
+    let (x, xd, xsums, qs, sc, mn, d, dmin, out) = (&raw mut X, &raw mut XS, &raw mut XS4, &raw mut QS, &raw mut SC, &raw mut MN, &raw mut D, &raw mut DMIN, &raw mut OUT);
+    let (mut cases, mut bad_cases) = (0, 0);
+    for _ in 0..24 {
+        let rows = 1 + rng.below(16) as usize;
+        let blocks = 1 + rng.below(2) as usize;
+        let k = 256 * blocks;
+        let cols = 1 + rng.below(32) as usize;
+        let ldo = 40;
+        for r in 0..rows { for b in 0..blocks {
+            for i in 0..256 { (*x)[r * k + b * 256 + i] = (rng.below(255) as i32 - 127) as i8; }
+            for p in 0..4 {
+                let sum = |h: usize| (0..32).map(|i| (*x)[r * k + b * 256 + p * 64 + h * 32 + i] as i32).sum::<i32>();
+                (*xsums)[(r * blocks + b) * 4 + p] = (sum(0) as i16 as u16 as i32) | ((sum(1) as i16 as u16 as i32) << 16);
+            }
+            (*xd)[r * blocks + b] = (rng.below(1 << 20) as f32 + 1.0) * 1e-7;
+        } }
+        for i in 0..blocks * 4096 { (*qs)[i] = rng.below(256) as u8; }
+        for i in 0..blocks * 256 { (*sc)[i] = rng.below(64) as u8; (*mn)[i] = rng.below(64) as u8; }
+        for i in 0..blocks * 32 { (*d)[i] = 0x1000 + rng.below(0x3000) as u16; (*dmin)[i] = 0x1000 + rng.below(0x3000) as u16; }
+        for v in (*out).iter_mut() { *v = f32::NAN; }
+        amx::q4_k_tile((*x).as_ptr(), k, rows, (*xd).as_ptr(), (*xsums).as_ptr(), (*qs).as_ptr(), (*sc).as_ptr(), (*mn).as_ptr(), (*d).as_ptr(), (*dmin).as_ptr(), (*out).as_mut_ptr(), ldo, cols);
+        let mut bad = 0;
+        for r in 0..rows { for c in 0..40 {
+            let got = (*out)[r * ldo + c];
+            if c >= cols { if !got.is_nan() { bad += 1; } continue; }
+            let mut f = 0f32;
+            for b in 0..blocks {
+                let (mut isum, mut msum) = (0i32, 0i32);
+                for j in 0..8 {
+                    let mut acc = 0i32;
+                    for i in 0..32 {
+                        let (g, o) = ((j * 32 + i) / 8, i % 8);
+                        let byte = (*qs)[b * 4096 + (g * 32 + c) * 4 + o % 4];
+                        let q = if o < 4 { byte & 0xF } else { byte >> 4 };
+                        acc += q as i32 * (*x)[r * k + b * 256 + j * 32 + i] as i32;
+                    }
+                    isum += acc * (*sc)[b * 256 + j * 32 + c] as i32;
+                    let pair = (*xsums)[(r * blocks + b) * 4 + j / 2];
+                    let s = if j % 2 == 0 { pair as i16 } else { (pair >> 16) as i16 };
+                    msum += s as i32 * (*mn)[b * 256 + (j / 2) * 64 + c * 2 + j % 2] as i32;
+                }
+                let dx = (*xd)[r * blocks + b];
+                f = fma(isum as f32, f16_to_f32((*d)[b * 32 + c]) * dx, f);
+                f = fma(-(msum as f32), f16_to_f32((*dmin)[b * 32 + c]) * dx, f);
+            }
+            if f.to_bits() != got.to_bits() { bad += 1; }
+        } }
+        cases += 1;
+        if bad > 0 { bad_cases += 1; let _ = writeln!(E9, "q4_k rows {rows} k {k} cols {cols}: {bad} values differ"); }
+    }
+    (cases, bad_cases)
 }

@@ -1,5 +1,7 @@
-//! AMX tiles for the Q8_0 GEMM of [`super::qgemm`]: up to 16 input rows by a
-//! tile of 32 output columns per call, block by block.
+//! AMX tiles for the Q8_0 GEMM of [`super::qgemm`] and the Q4_K weights of
+//! [`super::q4k`]: up to 16 input rows by a tile of 32 output columns per
+//! call, block by block. The Q8_0 kernel is described here; `q4_k_tile`
+//! says how Q4_K differs.
 //!
 //! One `tdpbsud` multiplies 16 rows by 16 columns over a whole block of 32
 //! inputs (signed activations by the weights' unsigned `q + 128`), where
@@ -110,10 +112,131 @@ pub unsafe fn q8_0_tile(
         }
     }
     asm!("tilerelease", options(nostack, nomem));
+    store_rows(&f, rows, out, ldo, cols);
+}
+
+/// The first `rows` rows of a tile's results, first `cols` columns only.
+#[target_feature(enable = "avx512f")]
+unsafe fn store_rows(f: &[[__m512; 2]; ROWS], rows: usize, out: *mut f32, ldo: usize, cols: usize) {
     let m0: __mmask16 = if cols >= 16 { 0xffff } else { ((1u32 << cols) - 1) as u16 };
     let m1: __mmask16 = if cols >= 32 { 0xffff } else if cols > 16 { ((1u32 << (cols - 16)) - 1) as u16 } else { 0 };
     for (i, fi) in f.iter().enumerate().take(rows) {
         _mm512_mask_storeu_ps(out.add(i * ldo), m0, fi[0]);
         _mm512_mask_storeu_ps(out.add(i * ldo + 16), m1, fi[1]);
     }
+}
+
+/// Q4_K: `rows` (at most [`ROWS`]) input rows times one packed tile of
+/// `super::q4k::PackedQ4K`, through exactly the integer and float steps of
+/// its VNNI kernel.
+///
+/// Per sub-block of 32 inputs the nibbles are unpacked to bytes in AMX's
+/// layout (row `2g` the low nibbles of group `g`, row `2g+1` the high ones,
+/// which are inputs `8g..8g+3` and `8g+4..8g+7`), one `tdpbsud` per half tile
+/// gives the sub-block's dot products, and each is multiplied by its 6-bit
+/// scale into the super-block's integer sum. The minimums' sum takes the
+/// VNNI kernel's `vpdpwssd`.
+///
+/// - `x`: int8 activations, row stride `k`; `xd`: one scale per 256 inputs
+///   and `xsums`: four i16 pairs of 32-input sums per 256, row stride `k / 256`
+///   (and `4 k / 256`);
+/// - `qs`, `sc`, `mn`, `d`, `dmin`: the tile's packed arrays from its first
+///   super-block.
+///
+/// # Safety
+/// AMX usable by this thread, AVX-512 F, BW and VNNI present; every pointer
+/// valid for the sizes above.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub unsafe fn q4_k_tile(
+    x: *const i8,
+    k: usize,
+    rows: usize,
+    xd: *const f32,
+    xsums: *const i32,
+    qs: *const u8,
+    sc: *const u8,
+    mn: *const u8,
+    d: *const u16,
+    dmin: *const u16,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    const QK: usize = 256;
+    debug_assert!((1..=ROWS).contains(&rows) && k.is_multiple_of(QK) && cols <= TILE);
+    let blocks = k / QK;
+    let cfg = Config::new(rows);
+    let low = _mm512_set1_epi8(0xF);
+    // [sub-block][half][8 rows][64 bytes] of unpacked nibbles.
+    let mut unpacked = [[[[0u8; 64]; BLOCK / 4]; 2]; 8];
+    let mut sums = [[0i32; 16]; 2 * ROWS];
+    let mut f = [[_mm512_setzero_ps(); 2]; ROWS];
+    asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+    for b in 0..blocks {
+        let (qs, sc, mn) = (qs.add(b * TILE * QK / 2), sc.add(b * 8 * TILE), mn.add(b * 8 * TILE));
+        for (j, sub) in unpacked.iter_mut().enumerate() {
+            for g in 0..4 {
+                for (h, half) in sub.iter_mut().enumerate() {
+                    let v = _mm512_loadu_si512(qs.add((j * 4 + g) * TILE * 4 + h * 64) as *const __m512i);
+                    _mm512_storeu_si512(half[2 * g].as_mut_ptr() as *mut __m512i, _mm512_and_si512(v, low));
+                    _mm512_storeu_si512(half[2 * g + 1].as_mut_ptr() as *mut __m512i, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+                }
+            }
+        }
+        let mut isum = [[_mm512_setzero_si512(); 2]; ROWS];
+        for (j, sub) in unpacked.iter().enumerate() {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tileloadd tmm2, [{x} + {k}*1]",
+                "tileloadd tmm3, [{w0} + {ws}*1]",
+                "tileloadd tmm4, [{w1} + {ws}*1]",
+                "tdpbsud tmm0, tmm2, tmm3",
+                "tdpbsud tmm1, tmm2, tmm4",
+                "tilestored [{lo} + {ss}*1], tmm0",
+                "tilestored [{hi} + {ss}*1], tmm1",
+                x = in(reg) x.add(b * QK + j * BLOCK),
+                k = in(reg) k,
+                w0 = in(reg) sub[0].as_ptr(),
+                w1 = in(reg) sub[1].as_ptr(),
+                ws = in(reg) 64usize,
+                lo = in(reg) sums.as_mut_ptr(),
+                hi = in(reg) sums.as_mut_ptr().add(ROWS),
+                ss = in(reg) 64usize,
+                options(nostack),
+            );
+            let s0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(sc.add(j * TILE) as *const __m128i));
+            let s1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(sc.add(j * TILE + 16) as *const __m128i));
+            for (i, acc) in isum.iter_mut().enumerate().take(rows) {
+                let a0 = _mm512_loadu_si512(sums[i].as_ptr() as *const __m512i);
+                let a1 = _mm512_loadu_si512(sums[ROWS + i].as_ptr() as *const __m512i);
+                acc[0] = _mm512_add_epi32(acc[0], _mm512_mullo_epi32(a0, s0));
+                acc[1] = _mm512_add_epi32(acc[1], _mm512_mullo_epi32(a1, s1));
+            }
+        }
+        let mut msum = [[_mm512_setzero_si512(); 2]; ROWS];
+        for p in 0..4 {
+            let m0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(mn.add(p * TILE * 2) as *const __m256i));
+            let m1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(mn.add(p * TILE * 2 + 32) as *const __m256i));
+            for (i, acc) in msum.iter_mut().enumerate().take(rows) {
+                let s = _mm512_set1_epi32(*xsums.add((i * blocks + b) * 4 + p));
+                acc[0] = _mm512_dpwssd_epi32(acc[0], m0, s);
+                acc[1] = _mm512_dpwssd_epi32(acc[1], m1, s);
+            }
+        }
+        let d0 = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * TILE) as *const __m256i));
+        let d1 = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * TILE + 16) as *const __m256i));
+        let e0 = _mm512_cvtph_ps(_mm256_loadu_si256(dmin.add(b * TILE) as *const __m256i));
+        let e1 = _mm512_cvtph_ps(_mm256_loadu_si256(dmin.add(b * TILE + 16) as *const __m256i));
+        for (i, fi) in f.iter_mut().enumerate().take(rows) {
+            let dx = _mm512_set1_ps(*xd.add(i * blocks + b));
+            fi[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i][0]), _mm512_mul_ps(d0, dx), fi[0]);
+            fi[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i][1]), _mm512_mul_ps(d1, dx), fi[1]);
+            fi[0] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum[i][0]), _mm512_mul_ps(e0, dx), fi[0]);
+            fi[1] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum[i][1]), _mm512_mul_ps(e1, dx), fi[1]);
+        }
+    }
+    asm!("tilerelease", options(nostack, nomem));
+    store_rows(&f, rows, out, ldo, cols);
 }

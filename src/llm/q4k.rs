@@ -187,7 +187,20 @@ pub(super) trait SuperBlocks: Sync {
     /// AVX-512 VNNI present; `out` holds `R` rows (stride `n`) of `cols` floats.
     #[cfg(target_arch = "x86_64")]
     unsafe fn vector<const R: usize>(&self, xq: &Q8KRows, r: usize, t: usize, out: *mut f32, cols: usize);
+    /// Up to 16 rows from `r` on AMX tiles, bit-identical to `vector`;
+    /// false (nothing written) where this format has no tile kernel.
+    ///
+    /// # Safety
+    /// As `vector`, and AMX usable by this thread (`crate::cpu::amx`).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tiles(&self, _xq: &Q8KRows, _r: usize, _rows: usize, _t: usize, _out: *mut f32, _cols: usize) -> bool {
+        false
+    }
 }
+
+/// Fewest rows worth AMX tiles: below this a pass is bound by reading the
+/// weights, which tiles do not make faster.
+const AMX_MIN_ROWS: usize = 8;
 
 impl<W: SuperBlocks> Tiled for W {
     type Rows = Q8KRows;
@@ -205,6 +218,16 @@ impl<W: SuperBlocks> Tiled for W {
         let cols = TILE.min(n - t * TILE);
         let out = out.add(t * TILE);
         let mut r = 0;
+        #[cfg(target_arch = "x86_64")]
+        if fast && xq.rows >= AMX_MIN_ROWS && crate::cpu::amx() {
+            while r < xq.rows {
+                let rows = super::amx::ROWS.min(xq.rows - r);
+                if !self.tiles(xq, r, rows, t, out.add(r * n), cols) {
+                    break;
+                }
+                r += rows;
+            }
+        }
         while r < xq.rows {
             let rows = 4.min(xq.rows - r);
             let dst = out.add(r * n);
@@ -238,6 +261,27 @@ impl SuperBlocks for PackedQ4K {
     #[cfg(target_arch = "x86_64")]
     unsafe fn vector<const R: usize>(&self, xq: &Q8KRows, r: usize, t: usize, out: *mut f32, cols: usize) {
         avx512::tile::<R>(self, xq, r, t, out, cols)
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tiles(&self, xq: &Q8KRows, r: usize, rows: usize, t: usize, out: *mut f32, cols: usize) -> bool {
+        let blocks = self.k / QK;
+        let tb = t * blocks;
+        super::amx::q4_k_tile(
+            xq.q.as_ptr().add(r * self.k),
+            self.k,
+            rows,
+            xq.d.as_ptr().add(r * blocks),
+            xq.sums.as_ptr().add(r * blocks * 4),
+            self.qs.as_ptr().add(tb * TILE_QS),
+            self.sc.as_ptr().add(tb * 8 * TILE),
+            self.mn.as_ptr().add(tb * 8 * TILE),
+            self.d.as_ptr().add(tb * TILE),
+            self.dmin.as_ptr().add(tb * TILE),
+            out,
+            self.n,
+            cols,
+        );
+        true
     }
 }
 
