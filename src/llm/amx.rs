@@ -48,6 +48,36 @@ impl Config {
     }
 }
 
+/// One block of 32 inputs: the activations at `x` (tmm2, row stride `k`)
+/// times the weights of columns 0-15 at `w0` and 16-31 at `w1` (tmm3 and
+/// tmm4, row stride `ws`), the sums stored as `sums[..16]` and `sums[16..]`.
+///
+/// # Safety
+/// Tiles configured by [`Config::new`]; pointers valid for the tiles' rows.
+#[inline(always)]
+unsafe fn products(x: *const i8, k: usize, w0: *const u8, w1: *const u8, ws: usize, sums: &mut [[i32; 16]; 2 * ROWS]) {
+    asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tileloadd tmm2, [{x} + {k}*1]",
+        "tileloadd tmm3, [{w0} + {ws}*1]",
+        "tileloadd tmm4, [{w1} + {ws}*1]",
+        "tdpbsud tmm0, tmm2, tmm3",
+        "tdpbsud tmm1, tmm2, tmm4",
+        "tilestored [{lo} + {ss}*1], tmm0",
+        "tilestored [{hi} + {ss}*1], tmm1",
+        x = in(reg) x,
+        k = in(reg) k,
+        w0 = in(reg) w0,
+        w1 = in(reg) w1,
+        ws = in(reg) ws,
+        lo = in(reg) sums.as_mut_ptr(),
+        hi = in(reg) sums.as_mut_ptr().add(ROWS),
+        ss = in(reg) 64usize,
+        options(nostack),
+    );
+}
+
 /// `rows` (at most [`ROWS`]) input rows times one packed tile, written into
 /// `out` (row stride `ldo`, first `cols` columns).
 ///
@@ -80,26 +110,7 @@ pub unsafe fn q8_0_tile(
     asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
     for b in 0..blocks {
         let wb = w.add(b * BLOCK * TILE);
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tileloadd tmm2, [{x} + {k}*1]",
-            "tileloadd tmm3, [{w0} + {ws}*1]",
-            "tileloadd tmm4, [{w1} + {ws}*1]",
-            "tdpbsud tmm0, tmm2, tmm3",
-            "tdpbsud tmm1, tmm2, tmm4",
-            "tilestored [{lo} + {ss}*1], tmm0",
-            "tilestored [{hi} + {ss}*1], tmm1",
-            x = in(reg) x.add(b * BLOCK),
-            k = in(reg) k,
-            w0 = in(reg) wb,
-            w1 = in(reg) wb.add(64),
-            ws = in(reg) TILE * 4,
-            lo = in(reg) sums.as_mut_ptr(),
-            hi = in(reg) sums.as_mut_ptr().add(ROWS),
-            ss = in(reg) 64usize,
-            options(nostack),
-        );
+        products(x.add(b * BLOCK), k, wb, wb.add(64), TILE * 4, &mut sums);
         let s0 = _mm512_cvtph_ps(_mm256_loadu_si256(s.add(b * TILE) as *const __m256i));
         let s1 = _mm512_cvtph_ps(_mm256_loadu_si256(s.add(b * TILE + 16) as *const __m256i));
         for (i, fi) in f.iter_mut().enumerate().take(rows) {
@@ -186,26 +197,7 @@ pub unsafe fn q4_k_tile(
         }
         let mut isum = [[_mm512_setzero_si512(); 2]; ROWS];
         for (j, sub) in unpacked.iter().enumerate() {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tileloadd tmm2, [{x} + {k}*1]",
-                "tileloadd tmm3, [{w0} + {ws}*1]",
-                "tileloadd tmm4, [{w1} + {ws}*1]",
-                "tdpbsud tmm0, tmm2, tmm3",
-                "tdpbsud tmm1, tmm2, tmm4",
-                "tilestored [{lo} + {ss}*1], tmm0",
-                "tilestored [{hi} + {ss}*1], tmm1",
-                x = in(reg) x.add(b * QK + j * BLOCK),
-                k = in(reg) k,
-                w0 = in(reg) sub[0].as_ptr(),
-                w1 = in(reg) sub[1].as_ptr(),
-                ws = in(reg) 64usize,
-                lo = in(reg) sums.as_mut_ptr(),
-                hi = in(reg) sums.as_mut_ptr().add(ROWS),
-                ss = in(reg) 64usize,
-                options(nostack),
-            );
+            products(x.add(b * QK + j * BLOCK), k, sub[0].as_ptr() as *const u8, sub[1].as_ptr() as *const u8, 64, &mut sums);
             let s0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(sc.add(j * TILE) as *const __m128i));
             let s1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(sc.add(j * TILE + 16) as *const __m128i));
             for (i, acc) in isum.iter_mut().enumerate().take(rows) {
