@@ -28,6 +28,9 @@ const BLOCK: usize = 32;
 const TILE: usize = 32;
 /// Most rows per call: a tile register holds 16 rows.
 pub const ROWS: usize = 16;
+/// Fewest rows worth tiles: below this a pass is bound by reading the
+/// weights, which tiles do not make faster.
+pub const MIN_ROWS: usize = 8;
 
 /// Tile register configuration (palette 1), 64 bytes as `ldtilecfg` reads it.
 #[repr(C, align(64))]

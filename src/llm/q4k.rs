@@ -198,10 +198,6 @@ pub(super) trait SuperBlocks: Sync {
     }
 }
 
-/// Fewest rows worth AMX tiles: below this a pass is bound by reading the
-/// weights, which tiles do not make faster.
-const AMX_MIN_ROWS: usize = 8;
-
 impl<W: SuperBlocks> Tiled for W {
     type Rows = Q8KRows;
     fn n(&self) -> usize {
@@ -219,7 +215,7 @@ impl<W: SuperBlocks> Tiled for W {
         let out = out.add(t * TILE);
         let mut r = 0;
         #[cfg(target_arch = "x86_64")]
-        if fast && xq.rows >= AMX_MIN_ROWS && crate::cpu::amx() {
+        if fast && xq.rows >= super::amx::MIN_ROWS && crate::cpu::amx() {
             while r < xq.rows {
                 let rows = super::amx::ROWS.min(xq.rows - r);
                 if !self.tiles(xq, r, rows, t, out.add(r * n), cols) {

@@ -31,9 +31,6 @@ pub(super) const TILE: usize = 32;
 /// Input rows per micro-kernel call: 4 rows x 2 vectors = 8 integer and 8
 /// float accumulators, leaving registers for the weights and broadcasts.
 const ROWS: usize = 4;
-/// Fewest rows worth AMX tiles: below this a decode step is bound by reading
-/// the weights, which tiles do not make faster.
-const AMX_MIN_ROWS: usize = 8;
 /// Rows quantized and multiplied per parallel task: keeps a task's activations
 /// (rows x k bytes) in L2 while the weight tiles stream past them.
 const ROW_CHUNK: usize = 64;
@@ -173,7 +170,7 @@ impl PackedWeight {
         let out = out.add(t * TILE);
         let mut r = 0;
         #[cfg(target_arch = "x86_64")]
-        if fast && xq.rows >= AMX_MIN_ROWS && crate::cpu::amx() {
+        if fast && xq.rows >= super::amx::MIN_ROWS && crate::cpu::amx() {
             // 16 rows a call; the same numbers as the VNNI kernel below.
             while r < xq.rows {
                 let rows = super::amx::ROWS.min(xq.rows - r);
