@@ -47,6 +47,8 @@ static mut MN: [u8; 4 * 256] = [0; 4 * 256];
 static mut D: [u16; 4 * 32] = [0; 128];
 static mut DMIN: [u16; 4 * 32] = [0; 128];
 static mut XS4: [i32; 16 * 16] = [0; 256];
+static mut QH: [u8; 2 * 2048] = [0; 4096];
+static mut S16: [i32; 16 * 2 * 16] = [0; 512];
 
 #[no_mangle]
 pub extern "C" fn kmain() {
@@ -89,6 +91,58 @@ pub extern "C" fn kmain() {
     let _ = writeln!(E9, "AMX q8_0_tile against the scalar reference: {cases} random shapes, {bad_cases} with differences");
     let (cases4, bad4) = unsafe { q4_k(&mut rng) };
     let _ = writeln!(E9, "AMX q4_k_tile against the scalar reference: {cases4} random shapes, {bad4} with differences");
+    let (cases6, bad6) = unsafe { q6_k(&mut rng) };
+    let _ = writeln!(E9, "AMX q6_k_tile against the scalar reference: {cases6} random shapes, {bad6} with differences");
+}
+
+/// `q6_k_tile` against the arithmetic of `PackedQ6K::scalar_row`, on random
+/// packed arrays: up to 2 super-blocks.
+unsafe fn q6_k(rng: &mut Rng) -> (usize, usize) {
+    let (x, xd, sums16, ql, qh, sc, d, out) = (&raw mut X, &raw mut XS, &raw mut S16, &raw mut QS, &raw mut QH, &raw mut SC, &raw mut D, &raw mut OUT);
+    let (mut cases, mut bad_cases) = (0, 0);
+    for _ in 0..24 {
+        let rows = 1 + rng.below(16) as usize;
+        let blocks = 1 + rng.below(2) as usize;
+        let k = 256 * blocks;
+        let cols = 1 + rng.below(32) as usize;
+        let ldo = 40;
+        for r in 0..rows { for b in 0..blocks {
+            for i in 0..256 { (*x)[r * k + b * 256 + i] = (rng.below(255) as i32 - 127) as i8; }
+            for j in 0..16 { (*sums16)[(r * blocks + b) * 16 + j] = (0..16).map(|i| (*x)[r * k + b * 256 + j * 16 + i] as i32).sum(); }
+            (*xd)[r * blocks + b] = (rng.below(1 << 20) as f32 + 1.0) * 1e-7;
+        } }
+        for i in 0..blocks * 4096 { (*ql)[i] = rng.below(256) as u8; }
+        for i in 0..blocks * 2048 { (*qh)[i] = rng.below(256) as u8; }
+        for i in 0..blocks * 512 { (*sc)[i] = rng.below(256) as u8; }
+        for i in 0..blocks * 32 { (*d)[i] = 0x1000 + rng.below(0x3000) as u16; }
+        for v in (*out).iter_mut() { *v = f32::NAN; }
+        amx::q6_k_tile((*x).as_ptr(), k, rows, (*xd).as_ptr(), (*sums16).as_ptr(), (*ql).as_ptr(), (*qh).as_ptr(), (*sc).as_ptr() as *const i8, (*d).as_ptr(), (*out).as_mut_ptr(), ldo, cols);
+        let mut bad = 0;
+        for r in 0..rows { for c in 0..40 {
+            let got = (*out)[r * ldo + c];
+            if c >= cols { if !got.is_nan() { bad += 1; } continue; }
+            let mut f = 0f32;
+            for b in 0..blocks {
+                let mut isum = 0i32;
+                for j in 0..16 {
+                    let mut acc = -32 * (*sums16)[(r * blocks + b) * 16 + j];
+                    for i in j * 16..j * 16 + 16 {
+                        let (g, o) = (i / 8, i % 8);
+                        let byte = (*ql)[b * 4096 + (g * 32 + c) * 4 + o % 4];
+                        let low = if o < 4 { byte & 0xF } else { byte >> 4 };
+                        let high = ((*qh)[b * 2048 + (j * 32 + c) * 4 + o % 4] >> (2 * ((i % 16) / 4))) & 3;
+                        acc += (low | (high << 4)) as i32 * (*x)[r * k + b * 256 + i] as i32;
+                    }
+                    isum += acc * (*sc)[b * 512 + j * 32 + c] as i8 as i32;
+                }
+                f = fma(isum as f32, f16_to_f32((*d)[b * 32 + c]) * (*xd)[r * blocks + b], f);
+            }
+            if f.to_bits() != got.to_bits() { bad += 1; }
+        } }
+        cases += 1;
+        if bad > 0 { bad_cases += 1; let _ = writeln!(E9, "q6_k rows {rows} k {k} cols {cols}: {bad} values differ"); }
+    }
+    (cases, bad_cases)
 }
 
 /// `q4_k_tile` against the arithmetic of `PackedQ4K::scalar_row`, on random

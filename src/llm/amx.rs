@@ -1,7 +1,7 @@
-//! AMX tiles for the Q8_0 GEMM of [`super::qgemm`] and the Q4_K weights of
-//! [`super::q4k`]: up to 16 input rows by a tile of 32 output columns per
-//! call, block by block. The Q8_0 kernel is described here; `q4_k_tile`
-//! says how Q4_K differs.
+//! AMX tiles for the Q8_0 GEMM of [`super::qgemm`] and the Q4_K and Q6_K
+//! weights of [`super::q4k`] and [`super::q6k`]: up to 16 input rows by a
+//! tile of 32 output columns per call, block by block. The Q8_0 kernel is
+//! described here; `q4_k_tile` and `q6_k_tile` say how theirs differ.
 //!
 //! One `tdpbsud` multiplies 16 rows by 16 columns over a whole block of 32
 //! inputs (signed activations by the weights' unsigned `q + 128`), where
@@ -37,12 +37,12 @@ pub const MIN_ROWS: usize = 8;
 struct Config([u8; 64]);
 
 impl Config {
-    /// tmm0, tmm1: sums (rows x 16 i32); tmm2: activations (rows x 32 i8);
-    /// tmm3, tmm4: weights of columns 0-15 and 16-31 (8 x 64 u8).
-    fn new(rows: usize) -> Self {
+    /// tmm0, tmm1: sums (rows x 16 i32); tmm2: activations (rows x `depth`
+    /// i8); tmm3, tmm4: weights of columns 0-15 and 16-31 (`depth / 4` x 64 u8).
+    fn new(rows: usize, depth: usize) -> Self {
         let mut c = [0u8; 64];
         c[0] = 1;
-        let shapes = [(rows, 64), (rows, 64), (rows, BLOCK), (BLOCK / 4, 64), (BLOCK / 4, 64)];
+        let shapes = [(rows, 64), (rows, 64), (rows, depth), (depth / 4, 64), (depth / 4, 64)];
         for (t, (r, bytes)) in shapes.into_iter().enumerate() {
             c[16 + 2 * t..18 + 2 * t].copy_from_slice(&(bytes as u16).to_le_bytes());
             c[48 + t] = r as u8;
@@ -51,7 +51,8 @@ impl Config {
     }
 }
 
-/// One block of 32 inputs: the activations at `x` (tmm2, row stride `k`)
+/// One block of inputs (32, or 16 for Q6_K: the `depth` of [`Config::new`]):
+/// the activations at `x` (tmm2, row stride `k`)
 /// times the weights of columns 0-15 at `w0` and 16-31 at `w1` (tmm3 and
 /// tmm4, row stride `ws`), the sums stored as `sums[..16]` and `sums[16..]`.
 ///
@@ -107,7 +108,7 @@ pub unsafe fn q8_0_tile(
 ) {
     debug_assert!((1..=ROWS).contains(&rows) && k.is_multiple_of(BLOCK) && cols <= TILE);
     let blocks = k / BLOCK;
-    let cfg = Config::new(rows);
+    let cfg = Config::new(rows, BLOCK);
     let mut sums = [[0i32; 16]; 2 * ROWS];
     let mut f = [[_mm512_setzero_ps(); 2]; ROWS];
     asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
@@ -180,7 +181,7 @@ pub unsafe fn q4_k_tile(
     const QK: usize = 256;
     debug_assert!((1..=ROWS).contains(&rows) && k.is_multiple_of(QK) && cols <= TILE);
     let blocks = k / QK;
-    let cfg = Config::new(rows);
+    let cfg = Config::new(rows, BLOCK);
     let low = _mm512_set1_epi8(0xF);
     // [sub-block][half][8 rows][64 bytes] of unpacked nibbles.
     let mut unpacked = [[[[0u8; 64]; BLOCK / 4]; 2]; 8];
@@ -230,6 +231,103 @@ pub unsafe fn q4_k_tile(
             fi[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i][1]), _mm512_mul_ps(d1, dx), fi[1]);
             fi[0] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum[i][0]), _mm512_mul_ps(e0, dx), fi[0]);
             fi[1] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum[i][1]), _mm512_mul_ps(e1, dx), fi[1]);
+        }
+    }
+    asm!("tilerelease", options(nostack, nomem));
+    store_rows(&f, rows, out, ldo, cols);
+}
+
+/// The 6-bit values `(a & 0xF) | (h & 0x30)` of Q6_K, one `vpternlogd`
+/// after the mask (shared with the VNNI kernel of `super::q6k`).
+///
+/// # Safety
+/// AVX-512 F present (inlined into callers that enable it).
+#[inline(always)]
+pub unsafe fn six(a: __m512i, h: __m512i) -> __m512i {
+    // A | (B & C) with A = a & 0xF, B = h, C = 0x30.
+    _mm512_ternarylogic_epi32(_mm512_and_si512(a, _mm512_set1_epi8(0xF)), h, _mm512_set1_epi8(0x30), 0xF8)
+}
+
+/// Q6_K: `rows` (at most [`ROWS`]) input rows times one packed tile of
+/// `super::q6k::PackedQ6K`, through exactly the integer and float steps of
+/// its VNNI kernel.
+///
+/// Q6_K's scales cover 16 inputs, so the tiles are configured 16 deep: per
+/// sub-block the 6-bit values are assembled in AMX's layout (row `p` holds
+/// inputs `4p..4p+3` of each column, the VNNI kernel's four vectors), one
+/// `tdpbsud` per half tile gives the dot products, and each, offset by
+/// `-32 * Σx`, is multiplied by its signed scale into the super-block's sum.
+///
+/// - `x`: int8 activations, row stride `k`; `xd`: one scale per 256 inputs,
+///   row stride `k / 256`; `sums16`: the sums of each 16, row stride `k / 16`;
+/// - `ql`, `qh`, `sc`, `d`: the tile's packed arrays from its first super-block.
+///
+/// # Safety
+/// AMX usable by this thread, AVX-512 F and BW present; every pointer valid
+/// for the sizes above.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn q6_k_tile(
+    x: *const i8,
+    k: usize,
+    rows: usize,
+    xd: *const f32,
+    sums16: *const i32,
+    ql: *const u8,
+    qh: *const u8,
+    sc: *const i8,
+    d: *const u16,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    const QK: usize = 256;
+    const SUB: usize = 16;
+    debug_assert!((1..=ROWS).contains(&rows) && k.is_multiple_of(QK) && cols <= TILE);
+    let blocks = k / QK;
+    let cfg = Config::new(rows, SUB);
+    // [sub-block][half][4 rows][64 bytes] of 6-bit values.
+    let mut values = [[[[0u8; 64]; SUB / 4]; 2]; QK / SUB];
+    let mut sums = [[0i32; 16]; 2 * ROWS];
+    let mut f = [[_mm512_setzero_ps(); 2]; ROWS];
+    asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+    for b in 0..blocks {
+        let (ql, qh, sc) = (ql.add(b * TILE * QK / 2), qh.add(b * TILE * QK / 4), sc.add(b * SUB * TILE));
+        for (j, sub) in values.iter_mut().enumerate() {
+            for (v, half) in sub.iter_mut().enumerate() {
+                let n0 = _mm512_loadu_si512(ql.add((2 * j * TILE + 16 * v) * 4) as *const __m512i);
+                let n1 = _mm512_loadu_si512(ql.add(((2 * j + 1) * TILE + 16 * v) * 4) as *const __m512i);
+                let h = _mm512_loadu_si512(qh.add((j * TILE + 16 * v) * 4) as *const __m512i);
+                let q = [
+                    six(n0, _mm512_slli_epi16(h, 4)),
+                    six(_mm512_srli_epi16(n0, 4), _mm512_slli_epi16(h, 2)),
+                    six(n1, h),
+                    six(_mm512_srli_epi16(n1, 4), _mm512_srli_epi16(h, 2)),
+                ];
+                for (row, qp) in half.iter_mut().zip(q) {
+                    _mm512_storeu_si512(row.as_mut_ptr() as *mut __m512i, qp);
+                }
+            }
+        }
+        let mut isum = [[_mm512_setzero_si512(); 2]; ROWS];
+        for (j, sub) in values.iter().enumerate() {
+            products(x.add(b * QK + j * SUB), k, sub[0].as_ptr() as *const u8, sub[1].as_ptr() as *const u8, 64, &mut sums);
+            let s0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(sc.add(j * TILE) as *const __m128i));
+            let s1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(sc.add(j * TILE + 16) as *const __m128i));
+            for (i, acc) in isum.iter_mut().enumerate().take(rows) {
+                let o = _mm512_set1_epi32(-32 * *sums16.add((i * blocks + b) * SUB + j));
+                let a0 = _mm512_add_epi32(o, _mm512_loadu_si512(sums[i].as_ptr() as *const __m512i));
+                let a1 = _mm512_add_epi32(o, _mm512_loadu_si512(sums[ROWS + i].as_ptr() as *const __m512i));
+                acc[0] = _mm512_add_epi32(acc[0], _mm512_mullo_epi32(a0, s0));
+                acc[1] = _mm512_add_epi32(acc[1], _mm512_mullo_epi32(a1, s1));
+            }
+        }
+        let d0 = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * TILE) as *const __m256i));
+        let d1 = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * TILE + 16) as *const __m256i));
+        for (i, fi) in f.iter_mut().enumerate().take(rows) {
+            let dx = _mm512_set1_ps(*xd.add(i * blocks + b));
+            fi[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i][0]), _mm512_mul_ps(d0, dx), fi[0]);
+            fi[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i][1]), _mm512_mul_ps(d1, dx), fi[1]);
         }
     }
     asm!("tilerelease", options(nostack, nomem));

@@ -187,15 +187,12 @@ pub(super) trait SuperBlocks: Sync {
     /// AVX-512 VNNI present; `out` holds `R` rows (stride `n`) of `cols` floats.
     #[cfg(target_arch = "x86_64")]
     unsafe fn vector<const R: usize>(&self, xq: &Q8KRows, r: usize, t: usize, out: *mut f32, cols: usize);
-    /// Up to 16 rows from `r` on AMX tiles, bit-identical to `vector`;
-    /// false (nothing written) where this format has no tile kernel.
+    /// Up to 16 rows from `r` on AMX tiles, bit-identical to `vector`.
     ///
     /// # Safety
     /// As `vector`, and AMX usable by this thread (`crate::cpu::amx`).
     #[cfg(target_arch = "x86_64")]
-    unsafe fn tiles(&self, _xq: &Q8KRows, _r: usize, _rows: usize, _t: usize, _out: *mut f32, _cols: usize) -> bool {
-        false
-    }
+    unsafe fn tiles(&self, xq: &Q8KRows, r: usize, rows: usize, t: usize, out: *mut f32, cols: usize);
 }
 
 impl<W: SuperBlocks> Tiled for W {
@@ -218,9 +215,7 @@ impl<W: SuperBlocks> Tiled for W {
         if fast && xq.rows >= super::amx::MIN_ROWS && crate::cpu::amx() {
             while r < xq.rows {
                 let rows = super::amx::ROWS.min(xq.rows - r);
-                if !self.tiles(xq, r, rows, t, out.add(r * n), cols) {
-                    break;
-                }
+                self.tiles(xq, r, rows, t, out.add(r * n), cols);
                 r += rows;
             }
         }
@@ -259,7 +254,7 @@ impl SuperBlocks for PackedQ4K {
         avx512::tile::<R>(self, xq, r, t, out, cols)
     }
     #[cfg(target_arch = "x86_64")]
-    unsafe fn tiles(&self, xq: &Q8KRows, r: usize, rows: usize, t: usize, out: *mut f32, cols: usize) -> bool {
+    unsafe fn tiles(&self, xq: &Q8KRows, r: usize, rows: usize, t: usize, out: *mut f32, cols: usize) {
         let blocks = self.k / QK;
         let tb = t * blocks;
         super::amx::q4_k_tile(
@@ -277,7 +272,6 @@ impl SuperBlocks for PackedQ4K {
             self.n,
             cols,
         );
-        true
     }
 }
 

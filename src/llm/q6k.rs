@@ -1,4 +1,5 @@
-//! GGUF Q6_K weights multiplied exactly as stored, with AVX-512 VNNI.
+//! GGUF Q6_K weights multiplied exactly as stored, with AVX-512 VNNI (and
+//! AMX tiles for 8 rows or more where the CPU has them: `super::amx`).
 //!
 //! A Q6_K super-block holds 256 weights as 6-bit integers `v` (0..63) in 16
 //! sub-blocks of 16, each with a signed 8-bit scale, and an f16 `d`:
@@ -12,8 +13,8 @@
 //! Per sub-block the integer sum starts at `−32·Σx` (the offset of `v`, from
 //! the inputs' sums of 16), takes the unsigned `v` against the signed
 //! inputs, and is multiplied by the sub-block scale; the super-block's sum
-//! is scaled once by `d·dx`. Integers are exact, so the vector and scalar
-//! kernels agree bit for bit.
+//! is scaled once by `d·dx`. Integers are exact, so the tile, vector and
+//! scalar kernels agree bit for bit.
 
 use super::q4k::{Q8KRows, SuperBlocks, QK};
 use super::qgemm::{matmul_tiled, TILE};
@@ -150,27 +151,39 @@ impl SuperBlocks for PackedQ6K {
     unsafe fn vector<const R: usize>(&self, xq: &Q8KRows, r: usize, t: usize, out: *mut f32, cols: usize) {
         avx512::tile::<R>(self, xq, r, t, out, cols)
     }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tiles(&self, xq: &Q8KRows, r: usize, rows: usize, t: usize, out: *mut f32, cols: usize) {
+        let blocks = self.k / QK;
+        let tb = t * blocks;
+        super::amx::q6_k_tile(
+            xq.q.as_ptr().add(r * self.k),
+            self.k,
+            rows,
+            xq.d.as_ptr().add(r * blocks),
+            xq.sums16.as_ptr().add(r * blocks * 16),
+            self.ql.as_ptr().add(tb * TILE_QL),
+            self.qh.as_ptr().add(tb * TILE_QH),
+            self.sc.as_ptr().add(tb * 16 * TILE),
+            self.d.as_ptr().add(tb * TILE),
+            out,
+            self.n,
+            cols,
+        );
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{PackedQ6K, Q8KRows, QK, TILE, TILE_QH, TILE_QL};
+    use crate::llm::amx::six;
     use crate::llm::qgemm::avx512::store_tile;
     use std::arch::x86_64::*;
-
-    /// `(a & 0xF) | (h & 0x30)`, one `vpternlogd` after the mask.
-    #[inline(always)]
-    unsafe fn six(a: __m512i, h: __m512i, low: __m512i, high: __m512i) -> __m512i {
-        // A | (B & C) with A = a & 0xF, B = h, C = 0x30.
-        _mm512_ternarylogic_epi32(_mm512_and_si512(a, low), h, high, 0xF8)
-    }
 
     /// `R` rows from `r` of `xq` times tile `t`, through exactly the
     /// operations of `scalar_row`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn tile<const R: usize>(w: &PackedQ6K, xq: &Q8KRows, r: usize, t: usize, out: *mut f32, cols: usize) {
         let (k, blocks) = (w.k, w.k / QK);
-        let (low, high) = (_mm512_set1_epi8(0xF), _mm512_set1_epi8(0x30));
         let mut f = [[_mm512_setzero_ps(); 2]; R];
         for b in 0..blocks {
             let tb = t * blocks + b;
@@ -189,10 +202,10 @@ mod avx512 {
                     let n1 = _mm512_loadu_si512(ql.add(((2 * j + 1) * TILE + 16 * v) * 4) as *const __m512i);
                     let h = _mm512_loadu_si512(qh.add((j * TILE + 16 * v) * 4) as *const __m512i);
                     let q = [
-                        six(n0, _mm512_slli_epi16(h, 4), low, high),
-                        six(_mm512_srli_epi16(n0, 4), _mm512_slli_epi16(h, 2), low, high),
-                        six(n1, h, low, high),
-                        six(_mm512_srli_epi16(n1, 4), _mm512_srli_epi16(h, 2), low, high),
+                        six(n0, _mm512_slli_epi16(h, 4)),
+                        six(_mm512_srli_epi16(n0, 4), _mm512_slli_epi16(h, 2)),
+                        six(n1, h),
+                        six(_mm512_srli_epi16(n1, 4), _mm512_srli_epi16(h, 2)),
                     ];
                     for (i, a) in acc.iter_mut().enumerate() {
                         let x = xq.q.as_ptr().add((r + i) * k + b * QK + j * 16);

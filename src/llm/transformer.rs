@@ -175,6 +175,13 @@ impl SuperBlocks for KQuant {
             KQuant::Q6K(p) => p.vector::<R>(xq, r, t, out, cols),
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tiles(&self, xq: &Q8KRows, r: usize, rows: usize, t: usize, out: *mut f32, cols: usize) {
+        match self {
+            KQuant::Q4K(p) => p.tiles(xq, r, rows, t, out, cols),
+            KQuant::Q6K(p) => p.tiles(xq, r, rows, t, out, cols),
+        }
+    }
 }
 
 impl Linear {
