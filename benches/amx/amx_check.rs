@@ -35,6 +35,19 @@ unsafe fn fma(a: f32, b: f32, c: f32) -> f32 {
     _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a), _mm_set_ss(b), _mm_set_ss(c)))
 }
 
+/// How many of the first `rows` rows of `OUT` (row stride `ldo`, 40 columns
+/// written as NaN beforehand) differ from `reference` in their first `cols`
+/// columns, bit for bit, or were written past them.
+unsafe fn differing(rows: usize, cols: usize, ldo: usize, reference: impl Fn(usize, usize) -> f32) -> usize {
+    let mut bad = 0;
+    for r in 0..rows { for c in 0..40 {
+        let got = (*(&raw const OUT))[r * ldo + c];
+        let ok = if c < cols { reference(r, c).to_bits() == got.to_bits() } else { got.is_nan() };
+        if !ok { bad += 1; }
+    } }
+    bad
+}
+
 static mut X: [i8; 16 * 512] = [0; 16 * 512];
 static mut XS: [f32; 16 * 16] = [0.0; 256];
 static mut XO: [i32; 16 * 16] = [0; 256];
@@ -72,18 +85,15 @@ pub extern "C" fn kmain() {
             for i in 0..blocks * 32 { (*s)[i] = 0x1000 + rng.below(0x3000) as u16; } // finite, normal f16
             for v in (*out).iter_mut() { *v = f32::NAN; }
             amx::q8_0_tile((*x).as_ptr(), k, rows, (*xs).as_ptr(), (*xo).as_ptr(), (*w).as_ptr(), (*s).as_ptr(), (*out).as_mut_ptr(), ldo, cols);
-            let mut bad = 0;
-            for r in 0..rows { for c in 0..40 {
-                let got = (*out)[r * ldo + c];
-                if c >= cols { if !got.is_nan() { bad += 1; } continue; }
+            let bad = differing(rows, cols, ldo, |r, c| {
                 let mut f = 0f32;
                 for b in 0..blocks {
                     let mut acc = (*xo)[r * blocks + b];
                     for i in 0..32 { acc += (*x)[r * k + b * 32 + i] as i32 * (*w)[(b * 8 + i / 4) * 128 + c * 4 + i % 4] as i32; }
                     f = fma(acc as f32, f16_to_f32((*s)[b * 32 + c]) * (*xs)[r * blocks + b], f);
                 }
-                if f.to_bits() != got.to_bits() { bad += 1; }
-            } }
+                f
+            });
             cases += 1;
             if bad > 0 { bad_cases += 1; let _ = writeln!(E9, "rows {rows} k {k} cols {cols}: {bad} values differ"); }
         }
@@ -117,10 +127,7 @@ unsafe fn q6_k(rng: &mut Rng) -> (usize, usize) {
         for i in 0..blocks * 32 { (*d)[i] = 0x1000 + rng.below(0x3000) as u16; }
         for v in (*out).iter_mut() { *v = f32::NAN; }
         amx::q6_k_tile((*x).as_ptr(), k, rows, (*xd).as_ptr(), (*sums16).as_ptr(), (*ql).as_ptr(), (*qh).as_ptr(), (*sc).as_ptr() as *const i8, (*d).as_ptr(), (*out).as_mut_ptr(), ldo, cols);
-        let mut bad = 0;
-        for r in 0..rows { for c in 0..40 {
-            let got = (*out)[r * ldo + c];
-            if c >= cols { if !got.is_nan() { bad += 1; } continue; }
+        let bad = differing(rows, cols, ldo, |r, c| {
             let mut f = 0f32;
             for b in 0..blocks {
                 let mut isum = 0i32;
@@ -137,8 +144,8 @@ unsafe fn q6_k(rng: &mut Rng) -> (usize, usize) {
                 }
                 f = fma(isum as f32, f16_to_f32((*d)[b * 32 + c]) * (*xd)[r * blocks + b], f);
             }
-            if f.to_bits() != got.to_bits() { bad += 1; }
-        } }
+            f
+        });
         cases += 1;
         if bad > 0 { bad_cases += 1; let _ = writeln!(E9, "q6_k rows {rows} k {k} cols {cols}: {bad} values differ"); }
     }
@@ -169,10 +176,7 @@ unsafe fn q4_k(rng: &mut Rng) -> (usize, usize) {
         for i in 0..blocks * 32 { (*d)[i] = 0x1000 + rng.below(0x3000) as u16; (*dmin)[i] = 0x1000 + rng.below(0x3000) as u16; }
         for v in (*out).iter_mut() { *v = f32::NAN; }
         amx::q4_k_tile((*x).as_ptr(), k, rows, (*xd).as_ptr(), (*xsums).as_ptr(), (*qs).as_ptr(), (*sc).as_ptr(), (*mn).as_ptr(), (*d).as_ptr(), (*dmin).as_ptr(), (*out).as_mut_ptr(), ldo, cols);
-        let mut bad = 0;
-        for r in 0..rows { for c in 0..40 {
-            let got = (*out)[r * ldo + c];
-            if c >= cols { if !got.is_nan() { bad += 1; } continue; }
+        let bad = differing(rows, cols, ldo, |r, c| {
             let mut f = 0f32;
             for b in 0..blocks {
                 let (mut isum, mut msum) = (0i32, 0i32);
@@ -193,8 +197,8 @@ unsafe fn q4_k(rng: &mut Rng) -> (usize, usize) {
                 f = fma(isum as f32, f16_to_f32((*d)[b * 32 + c]) * dx, f);
                 f = fma(-(msum as f32), f16_to_f32((*dmin)[b * 32 + c]) * dx, f);
             }
-            if f.to_bits() != got.to_bits() { bad += 1; }
-        } }
+            f
+        });
         cases += 1;
         if bad > 0 { bad_cases += 1; let _ = writeln!(E9, "q4_k rows {rows} k {k} cols {cols}: {bad} values differ"); }
     }

@@ -237,15 +237,30 @@ pub unsafe fn q4_k_tile(
     store_rows(&f, rows, out, ldo, cols);
 }
 
-/// The 6-bit values `(a & 0xF) | (h & 0x30)` of Q6_K, one `vpternlogd`
-/// after the mask (shared with the VNNI kernel of `super::q6k`).
+/// The 6-bit values of Q6_K sub-block `j`, columns `16v..16v+15`, of a
+/// packed super-block (`ql`, `qh` at its start): vector `p` holds inputs
+/// `16j+4p..16j+4p+3` of each column, as `vpdpbusd` and AMX's weight rows
+/// both want them. Shared with the VNNI kernel of `super::q6k`.
 ///
 /// # Safety
-/// AVX-512 F present (inlined into callers that enable it).
+/// AVX-512 F present (inlined into callers that enable it); the pointers
+/// valid for one packed super-block.
 #[inline(always)]
-pub unsafe fn six(a: __m512i, h: __m512i) -> __m512i {
-    // A | (B & C) with A = a & 0xF, B = h, C = 0x30.
-    _mm512_ternarylogic_epi32(_mm512_and_si512(a, _mm512_set1_epi8(0xF)), h, _mm512_set1_epi8(0x30), 0xF8)
+pub unsafe fn q6_values(ql: *const u8, qh: *const u8, j: usize, v: usize) -> [__m512i; 4] {
+    /// `(a & 0xF) | (h & 0x30)`: A | (B & C) in one `vpternlogd` after the mask.
+    #[inline(always)]
+    unsafe fn six(a: __m512i, h: __m512i) -> __m512i {
+        _mm512_ternarylogic_epi32(_mm512_and_si512(a, _mm512_set1_epi8(0xF)), h, _mm512_set1_epi8(0x30), 0xF8)
+    }
+    let n0 = _mm512_loadu_si512(ql.add((2 * j * TILE + 16 * v) * 4) as *const __m512i);
+    let n1 = _mm512_loadu_si512(ql.add(((2 * j + 1) * TILE + 16 * v) * 4) as *const __m512i);
+    let h = _mm512_loadu_si512(qh.add((j * TILE + 16 * v) * 4) as *const __m512i);
+    [
+        six(n0, _mm512_slli_epi16(h, 4)),
+        six(_mm512_srli_epi16(n0, 4), _mm512_slli_epi16(h, 2)),
+        six(n1, h),
+        six(_mm512_srli_epi16(n1, 4), _mm512_srli_epi16(h, 2)),
+    ]
 }
 
 /// Q6_K: `rows` (at most [`ROWS`]) input rows times one packed tile of
@@ -295,15 +310,7 @@ pub unsafe fn q6_k_tile(
         let (ql, qh, sc) = (ql.add(b * TILE * QK / 2), qh.add(b * TILE * QK / 4), sc.add(b * SUB * TILE));
         for (j, sub) in values.iter_mut().enumerate() {
             for (v, half) in sub.iter_mut().enumerate() {
-                let n0 = _mm512_loadu_si512(ql.add((2 * j * TILE + 16 * v) * 4) as *const __m512i);
-                let n1 = _mm512_loadu_si512(ql.add(((2 * j + 1) * TILE + 16 * v) * 4) as *const __m512i);
-                let h = _mm512_loadu_si512(qh.add((j * TILE + 16 * v) * 4) as *const __m512i);
-                let q = [
-                    six(n0, _mm512_slli_epi16(h, 4)),
-                    six(_mm512_srli_epi16(n0, 4), _mm512_slli_epi16(h, 2)),
-                    six(n1, h),
-                    six(_mm512_srli_epi16(n1, 4), _mm512_srli_epi16(h, 2)),
-                ];
+                let q = q6_values(ql, qh, j, v);
                 for (row, qp) in half.iter_mut().zip(q) {
                     _mm512_storeu_si512(row.as_mut_ptr() as *mut __m512i, qp);
                 }

@@ -175,7 +175,7 @@ impl SuperBlocks for PackedQ6K {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{PackedQ6K, Q8KRows, QK, TILE, TILE_QH, TILE_QL};
-    use crate::llm::amx::six;
+    use crate::llm::amx::q6_values;
     use crate::llm::qgemm::avx512::store_tile;
     use std::arch::x86_64::*;
 
@@ -198,15 +198,7 @@ mod avx512 {
                     a[0] = [o, o];
                 }
                 for v in 0..2 {
-                    let n0 = _mm512_loadu_si512(ql.add((2 * j * TILE + 16 * v) * 4) as *const __m512i);
-                    let n1 = _mm512_loadu_si512(ql.add(((2 * j + 1) * TILE + 16 * v) * 4) as *const __m512i);
-                    let h = _mm512_loadu_si512(qh.add((j * TILE + 16 * v) * 4) as *const __m512i);
-                    let q = [
-                        six(n0, _mm512_slli_epi16(h, 4)),
-                        six(_mm512_srli_epi16(n0, 4), _mm512_slli_epi16(h, 2)),
-                        six(n1, h),
-                        six(_mm512_srli_epi16(n1, 4), _mm512_srli_epi16(h, 2)),
-                    ];
+                    let q = q6_values(ql, qh, j, v);
                     for (i, a) in acc.iter_mut().enumerate() {
                         let x = xq.q.as_ptr().add((r + i) * k + b * QK + j * 16);
                         for (p, qp) in q.iter().enumerate() {
