@@ -105,19 +105,26 @@ pub extern "C" fn kmain() {
     let _ = writeln!(E9, "AMX q6_k_tile against the scalar reference: {cases6} random shapes, {bad6} with differences");
 }
 
+/// A random shape for the k-quant kernels (rows, super-blocks, inputs,
+/// columns), its activations in `X`.
+unsafe fn super_block_case(rng: &mut Rng) -> (usize, usize, usize, usize) {
+    let rows = 1 + rng.below(16) as usize;
+    let blocks = 1 + rng.below(2) as usize;
+    let cols = 1 + rng.below(32) as usize;
+    let x = &raw mut X;
+    for i in 0..rows * blocks * 256 { (*x)[i] = (rng.below(255) as i32 - 127) as i8; }
+    (rows, blocks, 256 * blocks, cols)
+}
+
 /// `q6_k_tile` against the arithmetic of `PackedQ6K::scalar_row`, on random
 /// packed arrays: up to 2 super-blocks.
 unsafe fn q6_k(rng: &mut Rng) -> (usize, usize) {
     let (x, xd, sums16, ql, qh, sc, d, out) = (&raw mut X, &raw mut XS, &raw mut S16, &raw mut QS, &raw mut QH, &raw mut SC, &raw mut D, &raw mut OUT);
     let (mut cases, mut bad_cases) = (0, 0);
     for _ in 0..24 {
-        let rows = 1 + rng.below(16) as usize;
-        let blocks = 1 + rng.below(2) as usize;
-        let k = 256 * blocks;
-        let cols = 1 + rng.below(32) as usize;
+        let (rows, blocks, k, cols) = super_block_case(rng);
         let ldo = 40;
         for r in 0..rows { for b in 0..blocks {
-            for i in 0..256 { (*x)[r * k + b * 256 + i] = (rng.below(255) as i32 - 127) as i8; }
             for j in 0..16 { (*sums16)[(r * blocks + b) * 16 + j] = (0..16).map(|i| (*x)[r * k + b * 256 + j * 16 + i] as i32).sum(); }
             (*xd)[r * blocks + b] = (rng.below(1 << 20) as f32 + 1.0) * 1e-7;
         } }
@@ -158,13 +165,9 @@ unsafe fn q4_k(rng: &mut Rng) -> (usize, usize) {
     let (x, xd, xsums, qs, sc, mn, d, dmin, out) = (&raw mut X, &raw mut XS, &raw mut XS4, &raw mut QS, &raw mut SC, &raw mut MN, &raw mut D, &raw mut DMIN, &raw mut OUT);
     let (mut cases, mut bad_cases) = (0, 0);
     for _ in 0..24 {
-        let rows = 1 + rng.below(16) as usize;
-        let blocks = 1 + rng.below(2) as usize;
-        let k = 256 * blocks;
-        let cols = 1 + rng.below(32) as usize;
+        let (rows, blocks, k, cols) = super_block_case(rng);
         let ldo = 40;
         for r in 0..rows { for b in 0..blocks {
-            for i in 0..256 { (*x)[r * k + b * 256 + i] = (rng.below(255) as i32 - 127) as i8; }
             for p in 0..4 {
                 let sum = |h: usize| (0..32).map(|i| (*x)[r * k + b * 256 + p * 64 + h * 32 + i] as i32).sum::<i32>();
                 (*xsums)[(r * blocks + b) * 4 + p] = (sum(0) as i16 as u16 as i32) | ((sum(1) as i16 as u16 as i32) << 16);
