@@ -54,13 +54,24 @@ pub fn amx_in_cpu() -> bool {
 }
 
 /// Asks Linux for the tile data state (granted once per process).
+///
+/// Linux refuses (`ENOSPC`) while any thread has an alternate signal stack
+/// too small for a signal frame holding the 8 KiB of tiles. Rust's own
+/// threads (tokio's, rayon's) size theirs from `AT_MINSIGSTKSZ`, which counts
+/// every state the CPU has, tiles included, so asking late, from a worker of
+/// a running server, works; a refusal is logged and the VNNI kernels run.
 fn amx_permitted() -> bool {
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     {
         const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
         const XFEATURE_XTILEDATA: libc::c_long = 18;
         // SAFETY: a request for a permission; it touches no memory of ours.
-        unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+        let granted = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 };
+        if !granted {
+            let e = std::io::Error::last_os_error();
+            tracing::warn!("the CPU has AMX but Linux did not grant its tile state ({e}); matmuls run on AVX-512 VNNI");
+        }
+        granted
     }
     #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
     {
@@ -128,5 +139,23 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// CPUID's answer agrees with the kernel's (`/proc/cpuinfo` flags), and
+    /// Linux never grants the tile state where the CPU has no tiles. (Where
+    /// it has them, a kernel before 5.16 refuses: the VNNI kernels run.)
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[test]
+    fn amx_detection_agrees_with_the_kernel() {
+        let info = std::fs::read_to_string("/proc/cpuinfo").expect("/proc/cpuinfo");
+        let flags: Vec<&str> = info.lines().find(|l| l.starts_with("flags")).expect("a flags line").split_whitespace().collect();
+        let kernel = ["avx512f", "amx_tile", "amx_int8"].iter().all(|f| flags.contains(f));
+        assert_eq!(super::amx_in_cpu(), kernel, "CPUID and /proc/cpuinfo disagree on AMX");
+        let granted = super::amx_permitted();
+        assert!(kernel || !granted, "tile state granted on a CPU without AMX");
+        eprintln!("AMX: in the CPU {kernel}, tile state granted {granted}");
     }
 }
