@@ -32,6 +32,11 @@ pub const ROWS: usize = 16;
 /// weights, which tiles do not make faster.
 pub const MIN_ROWS: usize = 8;
 
+/// `rows` split into calls of at most [`ROWS`]: (first row, rows).
+pub fn chunks(rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..rows).step_by(ROWS).map(move |r| (r, ROWS.min(rows - r)))
+}
+
 /// Tile register configuration (palette 1), 64 bytes as `ldtilecfg` reads it.
 #[repr(C, align(64))]
 struct Config([u8; 64]);
@@ -127,15 +132,20 @@ pub unsafe fn q8_0_tile(
         }
     }
     asm!("tilerelease", options(nostack, nomem));
-    store_rows(&f, rows, out, ldo, cols);
+    store_rows(&f[..rows], out, ldo, cols);
 }
 
-/// The first `rows` rows of a tile's results, first `cols` columns only.
+/// Writes rows of a 32-column tile's results (row stride `ldo`), their first
+/// `cols` columns only. The VNNI kernels use it too; it lives here because
+/// this file must build without `std`.
+///
+/// # Safety
+/// AVX-512 F present; `out` valid for `f.len()` rows of `cols` floats.
 #[target_feature(enable = "avx512f")]
-unsafe fn store_rows(f: &[[__m512; 2]; ROWS], rows: usize, out: *mut f32, ldo: usize, cols: usize) {
+pub unsafe fn store_rows(f: &[[__m512; 2]], out: *mut f32, ldo: usize, cols: usize) {
     let m0: __mmask16 = if cols >= 16 { 0xffff } else { ((1u32 << cols) - 1) as u16 };
     let m1: __mmask16 = if cols >= 32 { 0xffff } else if cols > 16 { ((1u32 << (cols - 16)) - 1) as u16 } else { 0 };
-    for (i, fi) in f.iter().enumerate().take(rows) {
+    for (i, fi) in f.iter().enumerate() {
         _mm512_mask_storeu_ps(out.add(i * ldo), m0, fi[0]);
         _mm512_mask_storeu_ps(out.add(i * ldo + 16), m1, fi[1]);
     }
@@ -234,7 +244,7 @@ pub unsafe fn q4_k_tile(
         }
     }
     asm!("tilerelease", options(nostack, nomem));
-    store_rows(&f, rows, out, ldo, cols);
+    store_rows(&f[..rows], out, ldo, cols);
 }
 
 /// The 6-bit values of Q6_K sub-block `j`, columns `16v..16v+15`, of a
@@ -338,5 +348,5 @@ pub unsafe fn q6_k_tile(
         }
     }
     asm!("tilerelease", options(nostack, nomem));
-    store_rows(&f, rows, out, ldo, cols);
+    store_rows(&f[..rows], out, ldo, cols);
 }

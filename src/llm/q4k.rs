@@ -213,11 +213,10 @@ impl<W: SuperBlocks> Tiled for W {
         let mut r = 0;
         #[cfg(target_arch = "x86_64")]
         if fast && xq.rows >= super::amx::MIN_ROWS && crate::cpu::amx() {
-            while r < xq.rows {
-                let rows = super::amx::ROWS.min(xq.rows - r);
+            for (r, rows) in super::amx::chunks(xq.rows) {
                 self.tiles(xq, r, rows, t, out.add(r * n), cols);
-                r += rows;
             }
+            return;
         }
         while r < xq.rows {
             let rows = 4.min(xq.rows - r);
@@ -278,7 +277,7 @@ impl SuperBlocks for PackedQ4K {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{PackedQ4K, Q8KRows, QK, TILE, TILE_QS};
-    use crate::llm::qgemm::avx512::store_tile;
+    use crate::llm::amx::store_rows;
     use std::arch::x86_64::*;
 
     /// `R` rows from `r` of `xq` times tile `t`, through exactly the
@@ -352,7 +351,7 @@ mod avx512 {
                 f[i][1] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum[i][1]), _mm512_mul_ps(e1, dx), f[i][1]);
             }
         }
-        store_tile(&f, out, w.n, cols);
+        store_rows(&f, out, w.n, cols);
     }
 }
 

@@ -175,8 +175,7 @@ impl SuperBlocks for PackedQ6K {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{PackedQ6K, Q8KRows, QK, TILE, TILE_QH, TILE_QL};
-    use crate::llm::amx::q6_values;
-    use crate::llm::qgemm::avx512::store_tile;
+    use crate::llm::amx::{q6_values, store_rows};
     use std::arch::x86_64::*;
 
     /// `R` rows from `r` of `xq` times tile `t`, through exactly the
@@ -222,7 +221,7 @@ mod avx512 {
                 f[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i][1]), _mm512_mul_ps(d1, dx), f[i][1]);
             }
         }
-        store_tile(&f, out, w.n, cols);
+        store_rows(&f, out, w.n, cols);
     }
 }
 

@@ -171,12 +171,10 @@ impl PackedWeight {
         let mut r = 0;
         #[cfg(target_arch = "x86_64")]
         if fast && xq.rows >= super::amx::MIN_ROWS && crate::cpu::amx() {
-            // 16 rows a call; the same numbers as the VNNI kernel below.
-            while r < xq.rows {
-                let rows = super::amx::ROWS.min(xq.rows - r);
+            // The same numbers as the VNNI kernel below.
+            for (r, rows) in super::amx::chunks(xq.rows) {
                 let (x, xs, xo) = (xq.q.as_ptr().add(r * self.k), xq.scale.as_ptr().add(r * blocks), xq.offset.as_ptr().add(r * blocks));
                 super::amx::q8_0_tile(x, self.k, rows, xs, xo, w.as_ptr(), s.as_ptr(), out.add(r * self.n), self.n, cols);
-                r += rows;
             }
             return;
         }
@@ -381,7 +379,7 @@ pub(super) mod avx512 {
                 f[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][1]), _mm512_mul_ps(s1, dx), f[i][1]);
             }
         }
-        store_tile(&f, out, ldo, cols);
+        crate::llm::amx::store_rows(&f, out, ldo, cols);
     }
 
     /// [`super::quantize_blocks`] with 16 lanes: the same max, product,
@@ -410,18 +408,6 @@ pub(super) mod avx512 {
                 _mm_storeu_si128(q.as_mut_ptr().add(b * block + 16 * j) as *mut __m128i, bytes);
                 sums16[(b * block) / 16 + j] = _mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(bytes));
             }
-        }
-    }
-
-    /// Writes `R` rows of a 32-column tile (row stride `ldo`), its first
-    /// `cols` columns only.
-    #[target_feature(enable = "avx512f")]
-    pub(in crate::llm) unsafe fn store_tile<const R: usize>(f: &[[__m512; 2]; R], out: *mut f32, ldo: usize, cols: usize) {
-        let m0: __mmask16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
-        let m1: __mmask16 = if cols >= 32 { 0xffff } else if cols > 16 { (1u32 << (cols - 16)) as u16 - 1 } else { 0 };
-        for (i, fi) in f.iter().enumerate() {
-            _mm512_mask_storeu_ps(out.add(i * ldo), m0, fi[0]);
-            _mm512_mask_storeu_ps(out.add(i * ldo + 16), m1, fi[1]);
         }
     }
 }
