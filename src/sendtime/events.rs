@@ -253,7 +253,7 @@ pub struct Event {
 }
 
 impl Event {
-    /// `field` prefixes error names ("events[12]").
+    /// `field` prefixes error names (`events[12]`).
     pub fn validate(&mut self, now: i64, field: &str) -> Result<(), SendTimeError> {
         validate_contact_id(&self.contact_id, &format!("{field}.contact_id"))?;
         validate_time(self.at, now, &format!("{field}.occurred_at"))?;

@@ -83,7 +83,7 @@ fn channel_to_wire(c: Channel) -> pb::Channel {
     }
 }
 
-/// A wire event, validated; `field` names it in errors ("events[3]").
+/// A wire event, validated; `field` names it in errors (`events[3]`).
 pub fn event_from_wire(e: pb::EngagementEvent, now: i64, field: &str) -> Result<(String, Event), SendTimeError> {
     validate_tenant(&e.tenant, &format!("{field}.tenant"))?;
     let kind = match pb::EventType::try_from(e.r#type) {
