@@ -4,7 +4,7 @@
 
 use candle_core::{Device, Result, Tensor};
 use half::{f16, slice::HalfFloatSliceExt};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Grows capacity in steps of this many tokens (a copy per step, not per token).
 const GROW: usize = 512;
@@ -285,21 +285,31 @@ struct Entry {
 }
 
 /// Prompt caches by conversation id, least recently used evicted first once
-/// their total size passes the budget.
+/// their total size passes the budget. An evicted conversation keeps its last
+/// answer (`Answers`), so that its next one is still drafted from it.
 pub struct PrefixCache {
     entries: HashMap<String, Entry>,
+    /// Bytes for the prompt caches: the budget less the answers' share.
     budget: usize,
     bytes: usize,
     clock: u64,
+    answers: Answers,
 }
+
+/// Share of the budget (1 / this) that keeps the answers of evicted
+/// conversations: 1/64 of 1 GiB holds ~20,000 notes of ~150 tokens, where the
+/// rest holds ~28 prompt caches of 1,300 tokens of the 1.5B.
+const ANSWER_SHARE: usize = 64;
 
 impl PrefixCache {
     pub fn new(budget_bytes: usize) -> Self {
-        Self { entries: HashMap::new(), budget: budget_bytes, bytes: 0, clock: 0 }
+        let answers = budget_bytes / ANSWER_SHARE;
+        Self { entries: HashMap::new(), budget: budget_bytes - answers, bytes: 0, clock: 0, answers: Answers::new(answers) }
     }
 
+    /// Memory held: the prompt caches and the kept answers.
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.bytes + self.answers.bytes
     }
 
     pub fn len(&self) -> usize {
@@ -347,17 +357,20 @@ impl PrefixCache {
             return Ok(());
         }
         self.clock += 1;
-        let mut answer = Vec::new();
-        if let Some(old) = self.entries.remove(key) {
-            self.bytes -= old.snap.bytes();
-            answer = old.answer;
-        }
+        let answer = match self.entries.remove(key) {
+            Some(old) => {
+                self.bytes -= old.snap.bytes();
+                old.answer
+            }
+            None => self.answers.take(key).unwrap_or_default(),
+        };
         while self.bytes + size > self.budget {
             let Some(oldest) = self.entries.iter().min_by_key(|(_, e)| e.used).map(|(k, _)| k.clone()) else {
                 break;
             };
             if let Some(e) = self.entries.remove(&oldest) {
                 self.bytes -= e.snap.bytes();
+                self.answers.put(&oldest, e.answer);
             }
         }
         self.bytes += size;
@@ -367,21 +380,82 @@ impl PrefixCache {
 
     /// Drops `key`'s prompt and answer; whether it held any.
     pub fn remove(&mut self, key: &str) -> bool {
-        let Some(e) = self.entries.remove(key) else { return false };
+        let answer = self.answers.remove(key);
+        let Some(e) = self.entries.remove(key) else { return answer };
         self.bytes -= e.snap.bytes();
         true
     }
 
     /// The last answer kept for `key` (empty if none).
     pub fn answer(&self, key: &str) -> &[u32] {
-        self.entries.get(key).map_or(&[], |e| &e.answer)
+        self.entries.get(key).map_or_else(|| self.answers.get(key), |e| &e.answer)
     }
 
-    /// Keeps `answer` as the latest for `key`, if its prompt is cached.
+    /// Keeps `answer` as the latest for `key`: with its prompt cache, or
+    /// alone if that was evicted while the answer was being written.
     pub fn store_answer(&mut self, key: &str, answer: &[u32]) {
-        if let Some(e) = self.entries.get_mut(key) {
-            e.answer = answer.to_vec();
+        match self.entries.get_mut(key) {
+            Some(e) => e.answer = answer.to_vec(),
+            None => self.answers.put(key, answer.to_vec()),
         }
+    }
+}
+
+/// Last answers of conversations whose prompt cache was evicted, least
+/// recently stored dropped first within a byte budget. An answer is ~4 bytes
+/// a token against 28 KiB a token for the 1.5B's prompt cache, so many more
+/// conversations keep one: a thread re-summarised after its cache was evicted
+/// reads its whole prompt again, but its note mostly comes from drafts.
+struct Answers {
+    by_key: HashMap<String, (Vec<u32>, u64)>,
+    /// Stored at -> key, oldest first.
+    order: BTreeMap<u64, String>,
+    bytes: usize,
+    budget: usize,
+    clock: u64,
+}
+
+impl Answers {
+    fn new(budget: usize) -> Self {
+        Self { by_key: HashMap::new(), order: BTreeMap::new(), bytes: 0, budget, clock: 0 }
+    }
+
+    /// What an answer holds: its tokens, its key, and the two maps' entries.
+    fn size(key: &str, answer: &[u32]) -> usize {
+        answer.len() * 4 + 2 * key.len() + 96
+    }
+
+    fn put(&mut self, key: &str, answer: Vec<u32>) {
+        self.remove(key);
+        let size = Self::size(key, &answer);
+        if answer.is_empty() || size > self.budget {
+            return;
+        }
+        while self.bytes + size > self.budget {
+            let Some((_, oldest)) = self.order.pop_first() else { break };
+            if let Some((a, _)) = self.by_key.remove(&oldest) {
+                self.bytes -= Self::size(&oldest, &a);
+            }
+        }
+        self.clock += 1;
+        self.bytes += size;
+        self.order.insert(self.clock, key.to_string());
+        self.by_key.insert(key.to_string(), (answer, self.clock));
+    }
+
+    fn get(&self, key: &str) -> &[u32] {
+        self.by_key.get(key).map_or(&[], |(a, _)| a)
+    }
+
+    fn take(&mut self, key: &str) -> Option<Vec<u32>> {
+        let (a, at) = self.by_key.remove(key)?;
+        self.order.remove(&at);
+        self.bytes -= Self::size(key, &a);
+        Some(a)
+    }
+
+    fn remove(&mut self, key: &str) -> bool {
+        self.take(key).is_some()
     }
 }
 
@@ -491,7 +565,8 @@ mod tests {
     fn prefix_cache_reuses_the_shared_prefix_and_evicts_least_recent() {
         let src = filled(8, 0.0);
         let per_entry = src.snapshot(8).unwrap().bytes();
-        let mut pc = PrefixCache::new(per_entry * 2);
+        // Room for two prompt caches, not three, once the answers' share is set aside.
+        let mut pc = PrefixCache::new(per_entry * 5 / 2);
         let prompt: Vec<u32> = (0..8).collect();
         pc.store("a", &prompt, &src).unwrap();
         let mut c = SeqCache::new(2, 2, 4, &Device::Cpu);
@@ -550,9 +625,12 @@ mod tests {
     fn an_answer_outlives_the_next_prompt_until_replaced() {
         let src = filled(4, 0.0);
         let mut pc = PrefixCache::new(1 << 20);
-        pc.store_answer("a", &[9, 9]); // no prompt cached yet: nothing kept
-        assert!(pc.answer("a").is_empty());
+        // No prompt cached (evicted while the answer was written): kept alone,
+        // then taken by the conversation's next prompt cache.
+        pc.store_answer("a", &[9, 9]);
+        assert_eq!(pc.answer("a"), [9, 9]);
         pc.store("a", &[1, 2, 3, 4], &src).unwrap();
+        assert_eq!(pc.answer("a"), [9, 9]);
         pc.store_answer("a", &[7, 8]);
         // The grown thread's prompt replaces the cache; the answer stays as a draft.
         pc.store("a", &[1, 2, 3, 4], &src).unwrap();
@@ -560,5 +638,43 @@ mod tests {
         pc.store_answer("a", &[5]);
         assert_eq!(pc.answer("a"), [5]);
         assert!(pc.answer("b").is_empty());
+    }
+
+    /// An evicted conversation reads its prompt again but keeps its last
+    /// answer as drafts; the kept answers stay within their share of the
+    /// budget, oldest dropped first, and a removed conversation keeps none.
+    #[test]
+    fn an_evicted_conversation_keeps_its_answer() {
+        let src = filled(128, 0.0);
+        let per_entry = src.snapshot(128).unwrap().bytes();
+        // One prompt cache; the answers' share (1/64) holds one answer of
+        // 20 tokens and a one-letter key (80 + 2 + 96 bytes), not two.
+        let budget = per_entry * 3 / 2;
+        assert!((178..356).contains(&(budget / ANSWER_SHARE)), "{per_entry}");
+        let mut pc = PrefixCache::new(budget);
+        let (pa, pb, pz): (Vec<u32>, Vec<u32>, Vec<u32>) = ((0..128).collect(), (1000..1128).collect(), (2000..2128).collect());
+        let answer: Vec<u32> = (100..120).collect();
+        pc.store("a", &pa, &src).unwrap();
+        pc.store_answer("a", &answer);
+        pc.store("b", &pb, &src).unwrap(); // evicts a's prompt cache
+        assert_eq!(pc.len(), 1);
+        let mut c = SeqCache::new(2, 2, 4, &Device::Cpu);
+        assert_eq!(pc.load("a", &pa, &mut c).unwrap(), 0, "a's prompt is read again");
+        assert_eq!(pc.answer("a"), answer, "but its answer still drafts the next");
+        assert!(pc.bytes() <= budget);
+        // Stored again, a's prompt cache takes its answer back (and evicts b,
+        // which had none to keep).
+        pc.store("a", &pa, &src).unwrap();
+        assert_eq!(pc.answer("a"), answer);
+        assert_eq!(pc.load("b", &pb, &mut c).unwrap(), 0);
+        assert!(pc.answer("b").is_empty());
+        // A newer kept answer drops the oldest one past the share.
+        let later: Vec<u32> = (200..220).collect();
+        pc.store_answer("b", &later); // b's answer came after its cache was evicted
+        pc.store("z", &pz, &src).unwrap(); // evicts a: its answer replaces b's
+        assert_eq!((pc.answer("a"), pc.answer("b")), (&answer[..], &[][..]));
+        assert!(pc.bytes() <= budget);
+        assert!(pc.remove("a") && !pc.remove("a"), "removing a drops its kept answer");
+        assert!(pc.answer("a").is_empty());
     }
 }

@@ -180,6 +180,32 @@ fn a_grown_conversation_reuses_its_prompt_and_answers_as_a_cold_run() {
     assert!(g4.drafted_tokens + 1 >= g4.generated_tokens, "{} of {} tokens drafted", g4.drafted_tokens, g4.generated_tokens);
 }
 
+/// A conversation whose prompt cache was evicted by others reads its prompt
+/// again, but its previous answer, kept apart, still drafts the next: asked
+/// again, its answer comes from drafts and equals a cold run's.
+#[test]
+fn an_evicted_conversation_still_drafts_from_its_previous_answer() {
+    let files = llm_files(models::FIXTURE_LLM);
+    let mut cold = Llm::load(&files, &Device::Cpu, 0).unwrap();
+    let params = GenerateParams { max_new_tokens: 24, ..Default::default() };
+    let mine = prompt(&cold, "Customer: my order 48213 has not arrived.\nAgent: I have asked the carrier.\n");
+    let other = prompt(&cold, "Customer: the parcel 5521 came damaged, the screen is cracked.\n");
+    let want = cold.generate(&mine, None, &params, |_| true).unwrap();
+    // Measure one conversation's prompt cache, then keep room for one only.
+    let mut probe = Llm::load(&files, &Device::Cpu, 1 << 30).unwrap();
+    probe.generate(&mine, Some("t-1"), &params, |_| true).unwrap();
+    let one = probe.prefix_cache_bytes();
+    let mut llm = Llm::load(&files, &Device::Cpu, one * 3 / 2).unwrap();
+    llm.generate(&mine, Some("t-1"), &params, |_| true).unwrap();
+    llm.generate(&other, Some("t-2"), &params, |_| true).unwrap(); // evicts t-1's prompt cache
+    assert!(llm.prefix_cache_bytes() <= one * 3 / 2);
+    let again = llm.generate(&mine, Some("t-1"), &params, |_| true).unwrap();
+    let common = mine.iter().zip(&other).take_while(|(a, b)| a == b).count();
+    assert_eq!(again.reused_prompt_tokens, common, "only what t-2's cache shares is reused");
+    assert_eq!(again.text, want.text);
+    assert!(again.drafted_tokens + 1 >= again.generated_tokens, "{} of {} tokens drafted", again.drafted_tokens, again.generated_tokens);
+}
+
 /// Greedy decoding through `start`, `read_prompt` and `decode`, checking up
 /// to `draft` guessed tokens per pass; returns the tokens' text and how many
 /// were drafted.
