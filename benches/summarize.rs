@@ -16,6 +16,9 @@
 //!   PALAVER_SUMMARIZER=qwen2.5-coder-0.5b-instruct cargo bench --bench summarize
 //!   SHOW=1 cargo bench --bench summarize          # also print the notes (first run of each)
 //!   RESUMMARISE_ONLY=1 cargo bench --bench summarize   # only the grown thread, against its own first summaries
+//!   PREFIX_CACHE_MB=48 EVICT=1 RESUMMARISE_ONLY=1 cargo bench --bench summarize
+//!       # another new thread summarised before the grown one, with room for one thread's prompt
+//!       # cache (default 256): the grown thread reads its whole prompt, drafting from its last note
 
 use palaver::eval::TweetSummDialog;
 use palaver::llm::LlmHandle;
@@ -42,6 +45,9 @@ async fn resummarise(s: &Summarizer, input: &SummarizeInput, runs: usize, cold_l
         let t = Instant::now();
         let first = s.summarize(x.clone(), None).await.unwrap();
         firsts.push(t.elapsed().as_secs_f64());
+        if std::env::var_os("EVICT").is_some() {
+            s.summarize(palaver::eval::as_new_thread(input, &format!("evict-{i}")), None).await.unwrap();
+        }
         let x = palaver::eval::grown(&x, &i.to_string());
         let t = Instant::now();
         let r = s.summarize(x.clone(), None).await.unwrap();
@@ -98,6 +104,10 @@ fn batch_policy() -> palaver::llm::batching::BatchPolicy {
     p
 }
 
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -120,7 +130,7 @@ fn main() {
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
-        let llm = LlmHandle::spawn(files, candle_core::Device::Cpu, palaver::llm::LlmOptions { prefix_cache_bytes: Some(256 << 20), batch: batch_policy() }).unwrap();
+        let llm = LlmHandle::spawn(files, candle_core::Device::Cpu, palaver::llm::LlmOptions { prefix_cache_bytes: Some(env_or("PREFIX_CACHE_MB", 256) << 20), batch: batch_policy() }).unwrap();
         llm.wait_loaded().await;
         let cfg = SummarizeConfig { faithfulness_retries: 0, ..SummarizeConfig::default() };
         let s = Summarizer::new(llm.clone(), cfg);

@@ -247,7 +247,7 @@ impl Metrics {
             ),
             llm_prefix_cache_bytes: Family::new(
                 "palaver_llm_prefix_cache_bytes",
-                "Bytes of prompt caches kept for reuse (--prefix-cache-mb).",
+                "Bytes of prompt caches kept for reuse, and of evicted threads' last answers kept as drafts (--prefix-cache-mb).",
                 &["model"],
                 Gauge::default,
             ),
