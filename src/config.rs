@@ -147,7 +147,9 @@ pub struct SummarizeArgs {
     /// off. A thread summarised again after a new message then reads only the
     /// new part, and a new thread the cached instructions (BENCHMARKS.md);
     /// each cached token costs 28 KiB with the 1.5B model, 12 KiB with the
-    /// 0.5B (twice that on a GPU, whose cache is f32). Unset: 1024 on CPUs
+    /// 0.5B (twice that on a GPU, whose cache is f32); 1/64 of it keeps the
+    /// last notes of threads evicted from it, still drafts for their next
+    /// note (~4 bytes a token). Unset: 1024 on CPUs
     /// with AVX-512 VNNI, where reuse gives exactly a cold run's numbers, else
     /// off (there the f32 GEMM rounds a row differently with other rows, and
     /// a note for the same thread could change in wording).
