@@ -89,18 +89,10 @@ async fn resummarise(s: &Summarizer, input: &SummarizeInput, runs: usize, cold_l
 /// `PALAVER_PREFILL_DRAFT` and `PALAVER_PROMPT_CHUNK` if set.
 fn batch_policy() -> palaver::llm::batching::BatchPolicy {
     let mut p = palaver::llm::batching::BatchPolicy::default();
-    if let Some(n) = std::env::var("PALAVER_PROMPT_CHUNK").ok().and_then(|s| s.parse().ok()) {
-        p.prompt_chunk = n;
-    }
-    if let Some(n) = std::env::var("PALAVER_MAX_DRAFT").ok().and_then(|s| s.parse().ok()) {
-        p.max_draft = n;
-    }
-    if let Some(n) = std::env::var("PALAVER_DECODE_ROWS").ok().and_then(|s| s.parse().ok()) {
-        p.decode_rows = n;
-    }
-    if let Some(n) = std::env::var("PALAVER_PREFILL_DRAFT").ok().and_then(|s| s.parse().ok()) {
-        p.prefill_draft = n;
-    }
+    p.prompt_chunk = env_or("PALAVER_PROMPT_CHUNK", p.prompt_chunk);
+    p.max_draft = env_or("PALAVER_MAX_DRAFT", p.max_draft);
+    p.decode_rows = env_or("PALAVER_DECODE_ROWS", p.decode_rows);
+    p.prefill_draft = env_or("PALAVER_PREFILL_DRAFT", p.prefill_draft);
     p
 }
 
@@ -116,7 +108,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     palaver::cpu::keep_freed_memory();
     let name = std::env::var("PALAVER_SUMMARIZER").unwrap_or_else(|_| models::DEFAULT_SUMMARIZER.into());
-    let runs: usize = std::env::var("RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let runs = env_or("RUNS", 3);
     let dir = std::env::var_os("PALAVER_MODELS_DIR").map(Into::into).unwrap_or_else(models::default_models_dir);
     models::fetch_models(&[name.as_str()], &FetchOptions::new(dir.clone())).expect("fetch");
     let files = models::resolve_llm(&name, &dir, &HubOptions::default()).expect("resolve");

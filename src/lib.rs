@@ -15,6 +15,7 @@ pub mod encoder;
 pub mod eval;
 pub mod intent;
 pub mod llm;
+pub mod lru;
 pub mod metrics;
 pub mod models;
 pub mod sendtime;

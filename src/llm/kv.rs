@@ -4,7 +4,8 @@
 
 use candle_core::{Device, Result, Tensor};
 use half::{f16, slice::HalfFloatSliceExt};
-use std::collections::{BTreeMap, HashMap};
+use crate::lru::Lru;
+use std::collections::HashMap;
 
 /// Grows capacity in steps of this many tokens (a copy per step, not per token).
 const GROW: usize = 512;
@@ -304,12 +305,12 @@ const ANSWER_SHARE: usize = 64;
 impl PrefixCache {
     pub fn new(budget_bytes: usize) -> Self {
         let answers = budget_bytes / ANSWER_SHARE;
-        Self { entries: HashMap::new(), budget: budget_bytes - answers, bytes: 0, clock: 0, answers: Answers::new(answers) }
+        Self { entries: HashMap::new(), budget: budget_bytes - answers, bytes: 0, clock: 0, answers: Answers(Lru::new(answers)) }
     }
 
     /// Memory held: the prompt caches and the kept answers.
     pub fn bytes(&self) -> usize {
-        self.bytes + self.answers.bytes
+        self.bytes + self.answers.0.bytes()
     }
 
     pub fn len(&self) -> usize {
@@ -362,7 +363,7 @@ impl PrefixCache {
                 self.bytes -= old.snap.bytes();
                 old.answer
             }
-            None => self.answers.take(key).unwrap_or_default(),
+            None => self.answers.0.remove(key).unwrap_or_default(),
         };
         while self.bytes + size > self.budget {
             let Some(oldest) = self.entries.iter().min_by_key(|(_, e)| e.used).map(|(k, _)| k.clone()) else {
@@ -380,7 +381,7 @@ impl PrefixCache {
 
     /// Drops `key`'s prompt and answer; whether it held any.
     pub fn remove(&mut self, key: &str) -> bool {
-        let answer = self.answers.remove(key);
+        let answer = self.answers.0.remove(key).is_some();
         let Some(e) = self.entries.remove(key) else { return answer };
         self.bytes -= e.snap.bytes();
         true
@@ -401,61 +402,30 @@ impl PrefixCache {
     }
 }
 
-/// Last answers of conversations whose prompt cache was evicted, least
-/// recently stored dropped first within a byte budget. An answer is ~4 bytes
-/// a token against 28 KiB a token for the 1.5B's prompt cache, so many more
+/// Last answers of conversations whose prompt cache was evicted, the oldest
+/// stored dropped first within a byte budget. An answer is ~4 bytes a token
+/// against 28 KiB a token for the 1.5B's prompt cache, so many more
 /// conversations keep one: a thread re-summarised after its cache was evicted
 /// reads its whole prompt again, but its note mostly comes from drafts.
-struct Answers {
-    by_key: HashMap<String, (Vec<u32>, u64)>,
-    /// Stored at -> key, oldest first.
-    order: BTreeMap<u64, String>,
-    bytes: usize,
-    budget: usize,
-    clock: u64,
-}
+struct Answers(Lru<Vec<u32>>);
 
 impl Answers {
-    fn new(budget: usize) -> Self {
-        Self { by_key: HashMap::new(), order: BTreeMap::new(), bytes: 0, budget, clock: 0 }
-    }
-
-    /// What an answer holds: its tokens, its key, and the two maps' entries.
+    /// What an answer holds: its tokens, its key, and the map entries.
     fn size(key: &str, answer: &[u32]) -> usize {
         answer.len() * 4 + 2 * key.len() + 96
     }
 
     fn put(&mut self, key: &str, answer: Vec<u32>) {
-        self.remove(key);
-        let size = Self::size(key, &answer);
-        if answer.is_empty() || size > self.budget {
-            return;
+        if answer.is_empty() {
+            self.0.remove(key);
+        } else {
+            let size = Self::size(key, &answer);
+            self.0.put(key, answer, size);
         }
-        while self.bytes + size > self.budget {
-            let Some((_, oldest)) = self.order.pop_first() else { break };
-            if let Some((a, _)) = self.by_key.remove(&oldest) {
-                self.bytes -= Self::size(&oldest, &a);
-            }
-        }
-        self.clock += 1;
-        self.bytes += size;
-        self.order.insert(self.clock, key.to_string());
-        self.by_key.insert(key.to_string(), (answer, self.clock));
     }
 
     fn get(&self, key: &str) -> &[u32] {
-        self.by_key.get(key).map_or(&[], |(a, _)| a)
-    }
-
-    fn take(&mut self, key: &str) -> Option<Vec<u32>> {
-        let (a, at) = self.by_key.remove(key)?;
-        self.order.remove(&at);
-        self.bytes -= Self::size(key, &a);
-        Some(a)
-    }
-
-    fn remove(&mut self, key: &str) -> bool {
-        self.take(key).is_some()
+        self.0.peek(key).map_or(&[], |a| a)
     }
 }
 

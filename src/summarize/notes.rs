@@ -12,7 +12,8 @@ use super::{SummarizeConfig, Summary};
 use crate::llm::batching::Priority;
 use crate::llm::Raise;
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap};
+use crate::lru::Lru;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
@@ -52,81 +53,54 @@ impl Key {
 
 /// The latest note of each thread id, least recently used evicted first,
 /// within a byte budget.
-pub struct NoteCache {
-    budget: usize,
-    used: usize,
-    clock: u64,
-    by_thread: HashMap<String, Entry>,
-    /// Last use -> thread id, oldest first.
-    order: BTreeMap<u64, String>,
-}
+pub struct NoteCache(Lru<Entry>);
 
 struct Entry {
     key: Key,
     summary: Summary,
-    bytes: usize,
-    used_at: u64,
 }
 
 impl NoteCache {
     /// `budget` bytes; 0 stores nothing.
     pub fn new(budget: usize) -> Self {
-        Self { budget, used: 0, clock: 0, by_thread: HashMap::new(), order: BTreeMap::new() }
+        Self(Lru::new(budget))
     }
 
     pub fn enabled(&self) -> bool {
-        self.budget > 0
+        self.0.budget() > 0
     }
 
     /// The note stored for this thread, if it was written for exactly this request.
     pub fn get(&mut self, thread_id: &str, key: &Key) -> Option<Summary> {
-        self.clock += 1;
-        let e = self.by_thread.get_mut(thread_id).filter(|e| e.key == *key)?;
-        self.order.remove(&e.used_at);
-        e.used_at = self.clock;
-        self.order.insert(self.clock, thread_id.to_string());
-        Some(e.summary.clone())
+        self.0.peek(thread_id).filter(|e| e.key == *key)?;
+        self.0.get(thread_id).map(|e| e.summary.clone())
     }
 
     /// Stores a thread's note in place of its previous one. A note larger than
     /// the whole budget is not kept.
     pub fn put(&mut self, key: Key, summary: &Summary) {
         let id = summary.thread_id.clone();
-        self.forget(&id);
-        let bytes = size_of(summary);
-        if id.is_empty() || bytes > self.budget {
+        if id.is_empty() {
             return;
         }
-        while self.used + bytes > self.budget {
-            let Some((_, oldest)) = self.order.pop_first() else { break };
-            if let Some(e) = self.by_thread.remove(&oldest) {
-                self.used -= e.bytes;
-            }
-        }
-        self.clock += 1;
-        self.used += bytes;
-        self.order.insert(self.clock, id.clone());
-        self.by_thread.insert(id, Entry { key, summary: summary.clone(), bytes, used_at: self.clock });
+        self.0.put(&id, Entry { key, summary: summary.clone() }, size_of(summary));
     }
 
     /// Drops the thread's note; whether there was one.
     pub fn forget(&mut self, thread_id: &str) -> bool {
-        let Some(e) = self.by_thread.remove(thread_id) else { return false };
-        self.order.remove(&e.used_at);
-        self.used -= e.bytes;
-        true
+        self.0.remove(thread_id).is_some()
     }
 
     pub fn len(&self) -> usize {
-        self.by_thread.len()
+        self.0.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_thread.is_empty()
+        self.0.is_empty()
     }
 
     pub fn bytes(&self) -> usize {
-        self.used
+        self.0.bytes()
     }
 }
 
