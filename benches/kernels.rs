@@ -11,7 +11,13 @@
 //! decoded token after 1,024 and a 512-token prompt chunk after 512, on both
 //! models' head shapes.
 //!
+//! And the machine's own peaks (`peak/`), which the kernels' figures are read
+//! against: independent chains of 512-bit f32 FMAs and of VNNI `vpdpbusd`
+//! (64 int8 multiply-adds each) kept in registers, on one thread and on every
+//! core, so no memory traffic limits them.
+//!
 //!   cargo bench --bench kernels
+//!   cargo bench --bench kernels -- peak
 //!   ROWS=1,8 cargo bench --bench kernels -- int8
 //!   cargo bench --bench kernels -- attention
 
@@ -104,5 +110,89 @@ fn attention(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench, attention);
+/// Instructions each thread issues per measured iteration: ~10 ms of work,
+/// so spawning the threads is noise.
+const PEAK_STEPS: usize = 1 << 22;
+
+/// The arithmetic ceilings: f32 FMA and int8 VNNI throughput, in GFLOP/s and
+/// GOP/s (multiply-adds x 2), on 1 thread and on all cores.
+fn peak(c: &mut Criterion) {
+    if !palaver::cpu::avx512_vnni() {
+        eprintln!("peak/: needs AVX-512 VNNI, skipped");
+        return;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut g = c.benchmark_group("peak");
+    g.sample_size(10);
+    for threads in [1, cores] {
+        let run = |f: fn(usize) -> u32| {
+            std::thread::scope(|s| {
+                let hs: Vec<_> = (0..threads).map(|_| s.spawn(move || f(black_box(PEAK_STEPS)))).collect();
+                hs.into_iter().map(|h| h.join().unwrap()).fold(0u32, u32::wrapping_add)
+            })
+        };
+        // 12 chains of 16 lanes x 2 flops.
+        g.throughput(Throughput::Elements((threads * PEAK_STEPS * 12 * 16 * 2) as u64));
+        g.bench_function(format!("f32-fma/threads{threads}"), |b| b.iter(|| black_box(run(peak_loops::fma))));
+        // 12 chains of 64 multiply-adds x 2 ops.
+        g.throughput(Throughput::Elements((threads * PEAK_STEPS * 12 * 64 * 2) as u64));
+        g.bench_function(format!("int8-vnni/threads{threads}"), |b| b.iter(|| black_box(run(peak_loops::vnni))));
+    }
+    g.finish();
+}
+
+/// Register-resident loops: 12 independent accumulators hide the
+/// instructions' latency (4-5 cycles) behind one or two issues a cycle.
+#[cfg(target_arch = "x86_64")]
+mod peak_loops {
+    use std::arch::x86_64::*;
+
+    pub fn fma(steps: usize) -> u32 {
+        // SAFETY: `peak` runs this only where AVX-512 was detected.
+        unsafe { fma_avx512(steps) }
+    }
+
+    pub fn vnni(steps: usize) -> u32 {
+        // SAFETY: as above, VNNI included.
+        unsafe { vnni_avx512(steps) }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fma_avx512(steps: usize) -> u32 {
+        let (a, b) = (_mm512_set1_ps(std::hint::black_box(0.999_9)), _mm512_set1_ps(std::hint::black_box(1e-4)));
+        let mut acc = [_mm512_set1_ps(1.0); 12];
+        for _ in 0..steps {
+            for x in acc.iter_mut() {
+                *x = _mm512_fmadd_ps(*x, a, b);
+            }
+        }
+        let sum = acc.iter().fold(_mm512_setzero_ps(), |s, &x| _mm512_add_ps(s, x));
+        _mm512_reduce_add_ps(sum).to_bits()
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn vnni_avx512(steps: usize) -> u32 {
+        let (a, b) = (_mm512_set1_epi8(std::hint::black_box(3)), _mm512_set1_epi8(std::hint::black_box(-2)));
+        let mut acc = [_mm512_setzero_si512(); 12];
+        for _ in 0..steps {
+            for x in acc.iter_mut() {
+                *x = _mm512_dpbusd_epi32(*x, a, b);
+            }
+        }
+        let sum = acc.iter().fold(_mm512_setzero_si512(), |s, &x| _mm512_add_epi32(s, x));
+        _mm512_reduce_add_epi32(sum) as u32
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod peak_loops {
+    pub fn fma(_: usize) -> u32 {
+        unreachable!("peak/ runs only on x86-64 with AVX-512")
+    }
+    pub fn vnni(_: usize) -> u32 {
+        unreachable!("peak/ runs only on x86-64 with AVX-512")
+    }
+}
+
+criterion_group!(benches, peak, bench, attention);
 criterion_main!(benches);
