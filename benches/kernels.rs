@@ -18,6 +18,7 @@
 //!
 //!   cargo bench --bench kernels
 //!   cargo bench --bench kernels -- peak
+//!   SHAPES=8960x256,256x8960 ROWS=64 cargo bench --bench kernels -- q4_k/
 //!   ROWS=1,8 cargo bench --bench kernels -- int8
 //!   cargo bench --bench kernels -- attention
 
@@ -39,6 +40,21 @@ const SHAPES: [(&str, usize, usize); 6] = [
     ("1.5b-output-151936x1536", 151936, 1536),
 ];
 
+/// `SHAPES=NxK,...` (outputs x inputs) replaces the models' shapes, to see
+/// how a kernel's rate depends on the size of its weight tiles.
+fn shapes() -> Vec<(String, usize, usize)> {
+    match std::env::var("SHAPES") {
+        Ok(list) => list
+            .split(',')
+            .map(|s| {
+                let (n, k) = s.trim().split_once('x').expect("SHAPES: NxK,...");
+                (s.trim().to_string(), n.parse().expect("SHAPES: N"), k.parse().expect("SHAPES: K"))
+            })
+            .collect(),
+        Err(_) => SHAPES.iter().map(|&(name, n, k)| (name.to_string(), n, k)).collect(),
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let rows: Vec<usize> = std::env::var("ROWS")
         .unwrap_or_else(|_| "1,8,512".into())
@@ -47,7 +63,7 @@ fn bench(c: &mut Criterion) {
         .collect();
     eprintln!("AVX-512 VNNI: {}", palaver::cpu::avx512_vnni());
     let dev = Device::Cpu;
-    for (name, n, k) in SHAPES {
+    for (name, n, k) in shapes() {
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
         let q8 = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
         let wd = q8.dequantize(&dev).unwrap();
@@ -137,6 +153,14 @@ fn peak(c: &mut Criterion) {
         // 12 chains of 64 multiply-adds x 2 ops.
         g.throughput(Throughput::Elements((threads * PEAK_STEPS * 12 * 64 * 2) as u64));
         g.bench_function(format!("int8-vnni/threads{threads}"), |b| b.iter(|| black_box(run(peak_loops::vnni))));
+        // The Q4_K kernel's loop on 4 rows x 32 columns, weights and inputs
+        // in L1: 64 `vpdpbusd` per sub-block of 32 inputs, then its scale
+        // applied to 8 sums, by `vpmulld` as the kernel does or by an add
+        // (wrong, only to time it).
+        let q4k = (PEAK_STEPS / 8) * 64 * 64 * 2;
+        g.throughput(Throughput::Elements((threads * q4k) as u64));
+        g.bench_function(format!("q4_k-loop-scale-mul/threads{threads}"), |b| b.iter(|| black_box(run(peak_loops::q4k_mul))));
+        g.bench_function(format!("q4_k-loop-scale-add/threads{threads}"), |b| b.iter(|| black_box(run(peak_loops::q4k_add))));
     }
     g.finish();
 }
@@ -155,6 +179,57 @@ mod peak_loops {
     pub fn vnni(steps: usize) -> u32 {
         // SAFETY: as above, VNNI included.
         unsafe { vnni_avx512(steps) }
+    }
+
+    pub fn q4k_mul(steps: usize) -> u32 {
+        // SAFETY: as above.
+        unsafe { q4k_loop::<true>(steps / 8) }
+    }
+
+    pub fn q4k_add(steps: usize) -> u32 {
+        // SAFETY: as above.
+        unsafe { q4k_loop::<false>(steps / 8) }
+    }
+
+    /// `subs` sub-blocks through the Q4_K kernel's instructions, cycling
+    /// over 8 sub-blocks of weights (8 KB) and 4 rows of inputs (1 KB).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn q4k_loop<const MUL: bool>(subs: usize) -> u32 {
+        let w = std::hint::black_box([0x35u8; 8 * 4 * 128]);
+        let x = std::hint::black_box([3u8; 4 * 8 * 32]);
+        let sc = std::hint::black_box([5u8; 8 * 32]);
+        let low = _mm512_set1_epi8(0xF);
+        let mut isum = [[_mm512_setzero_si512(); 2]; 4];
+        for s in 0..subs {
+            let j = s % 8;
+            let mut acc = [[_mm512_setzero_si512(); 2]; 4];
+            for g in 0..4 {
+                let p = w.as_ptr().add((j * 4 + g) * 128);
+                let (w0, w1) = (_mm512_loadu_si512(p as *const __m512i), _mm512_loadu_si512(p.add(64) as *const __m512i));
+                let (l0, l1) = (_mm512_and_si512(w0, low), _mm512_and_si512(w1, low));
+                let (h0, h1) = (_mm512_and_si512(_mm512_srli_epi16(w0, 4), low), _mm512_and_si512(_mm512_srli_epi16(w1, 4), low));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xp = x.as_ptr().add(i * 256 + j * 32 + g * 8);
+                    let xl = _mm512_set1_epi32((xp as *const i32).read_unaligned());
+                    let xh = _mm512_set1_epi32((xp.add(4) as *const i32).read_unaligned());
+                    a[0] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a[0], l0, xl), h0, xh);
+                    a[1] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a[1], l1, xl), h1, xh);
+                }
+            }
+            let s0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(sc.as_ptr().add(j * 32) as *const __m128i));
+            let s1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(sc.as_ptr().add(j * 32 + 16) as *const __m128i));
+            for (sum, a) in isum.iter_mut().zip(&acc) {
+                let (a0, a1) = if MUL {
+                    (_mm512_mullo_epi32(a[0], s0), _mm512_mullo_epi32(a[1], s1))
+                } else {
+                    (_mm512_add_epi32(a[0], s0), _mm512_add_epi32(a[1], s1))
+                };
+                sum[0] = _mm512_add_epi32(sum[0], a0);
+                sum[1] = _mm512_add_epi32(sum[1], a1);
+            }
+        }
+        let sum = isum.iter().flatten().fold(_mm512_setzero_si512(), |s, &x| _mm512_add_epi32(s, x));
+        _mm512_reduce_add_epi32(sum) as u32
     }
 
     #[target_feature(enable = "avx512f")]
@@ -190,6 +265,12 @@ mod peak_loops {
         unreachable!("peak/ runs only on x86-64 with AVX-512")
     }
     pub fn vnni(_: usize) -> u32 {
+        unreachable!("peak/ runs only on x86-64 with AVX-512")
+    }
+    pub fn q4k_mul(_: usize) -> u32 {
+        unreachable!("peak/ runs only on x86-64 with AVX-512")
+    }
+    pub fn q4k_add(_: usize) -> u32 {
         unreachable!("peak/ runs only on x86-64 with AVX-512")
     }
 }
