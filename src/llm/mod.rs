@@ -82,11 +82,22 @@ pub struct GenerateParams {
     pub priority: batching::Priority,
     /// For a background generation: lets its caller raise it to interactive.
     pub raise: Option<Raise>,
+    /// What the answer's lines open with, in order (the labels of a
+    /// structured answer): after the answer's `i`-th line break, entry `i - 1`
+    /// is offered as a draft when no other source has one.
+    pub outline: Vec<Vec<u32>>,
 }
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        Self { max_new_tokens: 320, repeat_penalty: 1.1, repeat_last_n: 64, priority: batching::Priority::Interactive, raise: None }
+        Self {
+            max_new_tokens: 320,
+            repeat_penalty: 1.1,
+            repeat_last_n: 64,
+            priority: batching::Priority::Interactive,
+            raise: None,
+            outline: Vec::new(),
+        }
     }
 }
 
@@ -228,6 +239,8 @@ impl Llm {
             previous,
             drafted: 0,
             draft_len: usize::MAX,
+            lines: 0,
+            line_start: false,
             decoder: IncrementalDecoder::default(),
             stop: None,
             started: Instant::now(),
@@ -280,7 +293,7 @@ impl Llm {
     /// its greedy choice agrees with, so a pass may give it several tokens,
     /// the same ones as one pass each. Returns each one's new text.
     pub fn decode(&mut self, seqs: &mut [&mut Sequence], draft: usize) -> Result<Vec<Option<String>>, LlmError> {
-        let inputs: Vec<Vec<u32>> = seqs.iter().map(|s| s.next_input(draft.min(s.draft_len))).collect();
+        let inputs: Vec<Vec<u32>> = seqs.iter().map(|s| s.next_input(draft.min(s.draft_len), draft)).collect();
         let tails: Vec<usize> = inputs.iter().map(Vec::len).collect();
         let mut steps: Vec<Step> =
             seqs.iter_mut().zip(&inputs).map(|(s, t)| Step { tokens: t, cache: &mut s.cache }).collect();
@@ -353,7 +366,11 @@ impl Llm {
         if s.out.len() >= s.max_new {
             s.stop = Some(StopReason::MaxTokens);
         }
-        s.decoder.push(&self.tokenizer, &s.out)
+        let piece = s.decoder.push(&self.tokenizer, &s.out)?;
+        // A piece held back ends inside a character, not a line.
+        s.line_start = piece.as_ref().is_some_and(|p| p.ends_with('\n'));
+        s.lines += piece.as_ref().map_or(0, |p| p.matches('\n').count());
+        Ok(piece)
     }
 
     /// The finished sequence's result; its cache goes back to the pool.
@@ -405,6 +422,10 @@ pub struct Sequence {
     drafted: usize,
     /// Longest draft to offer next: follows how much of the last was kept.
     draft_len: usize,
+    /// Line breaks in the answer so far, and whether it ends with one: where
+    /// in `params.outline` the next line starts.
+    lines: usize,
+    line_start: bool,
     decoder: IncrementalDecoder,
     stop: Option<StopReason>,
     started: Instant,
@@ -439,8 +460,10 @@ impl Sequence {
     }
 
     /// The next decode pass's input: the last chosen token, then up to
-    /// `draft` guessed ones (never past the answer budget).
-    fn next_input(&self, draft: usize) -> Vec<u32> {
+    /// `draft` guessed ones (never past the answer budget). A line's opening
+    /// from the outline may take up to `outline_draft`: it is not a guess
+    /// from text that a miss has shown to be unreliable.
+    fn next_input(&self, draft: usize, outline_draft: usize) -> Vec<u32> {
         let last = *self.out.last().expect("decode after the first token");
         let room = self.max_new.saturating_sub(self.out.len() + 1);
         let history = &self.out[self.out.len().saturating_sub(draft::HISTORY)..];
@@ -450,6 +473,11 @@ impl Sequence {
         h.extend_from_slice(history);
         let mut input = vec![last];
         input.extend(draft::propose(&h, &self.previous, &self.prompt, draft.min(room), self.out.len()));
+        if input.len() == 1 && self.line_start {
+            if let Some(opening) = self.params.outline.get(self.lines.wrapping_sub(1)) {
+                input.extend_from_slice(&opening[..opening.len().min(outline_draft.min(room))]);
+            }
+        }
         input
     }
 }

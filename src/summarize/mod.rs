@@ -483,10 +483,13 @@ impl Summarizer {
         let (text, start) = prompt::build(&spec, &p.transcript);
         let tok = self.llm.tokenizer().clone();
         let t = Instant::now();
-        let ids = tokio::task::spawn_blocking(move || tok.encode(text, false).map(|e| e.get_ids().to_vec()))
-            .await
-            .map_err(|e| SummarizeError::Internal(e.to_string()))?
-            .map_err(|e| SummarizeError::Internal(format!("tokenizer: {e}")))?;
+        let (ids, outline) = tokio::task::spawn_blocking(move || {
+            let ids = |t: String| tok.encode(t, false).map(|e| e.get_ids().to_vec());
+            Ok::<_, tokenizers::Error>((ids(text)?, prompt::outline().into_iter().map(ids).collect::<Result<Vec<_>, _>>()?))
+        })
+        .await
+        .map_err(|e| SummarizeError::Internal(e.to_string()))?
+        .map_err(|e| SummarizeError::Internal(format!("tokenizer: {e}")))?;
         let tok_ms = t.elapsed().as_secs_f64() * 1e3;
 
         let (priority, raise) = match urgent {
@@ -496,7 +499,7 @@ impl Summarizer {
             }
             None => (p.priority, None),
         };
-        let params = GenerateParams { max_new_tokens: self.cfg.max_new_tokens, priority, raise, ..GenerateParams::default() };
+        let params = GenerateParams { max_new_tokens: self.cfg.max_new_tokens, priority, raise, outline, ..GenerateParams::default() };
         // A helpdesk summarises the same thread again after each message: its
         // cached prompt lets the model read only what is new.
         let conversation = (!thread_id.is_empty()).then(|| thread_id.to_string());
