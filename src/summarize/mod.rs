@@ -220,6 +220,8 @@ pub struct Summarizer {
     cfg: SummarizeConfig,
     notes: Arc<Mutex<notes::NoteCache>>,
     writing: Arc<Mutex<notes::Writing>>,
+    /// The note's labels as tokens, for drafts (`prompt::outline`).
+    outline: Vec<Vec<u32>>,
 }
 
 /// A request after its note was looked up: the stored note, or what the model needs.
@@ -244,7 +246,10 @@ struct Prepared {
 impl Summarizer {
     pub fn new(llm: LlmHandle, cfg: SummarizeConfig) -> Self {
         let notes = Arc::new(Mutex::new(notes::NoteCache::new(cfg.note_cache_bytes)));
-        Self { llm, cfg, notes, writing: Arc::default() }
+        // Drafts only save passes, so labels the tokenizer cannot encode
+        // leave the notes as they are, just without these drafts.
+        let outline = prompt::outline(llm.tokenizer()).unwrap_or_default();
+        Self { llm, cfg, notes, writing: Arc::default(), outline }
     }
 
     pub fn config(&self) -> &SummarizeConfig {
@@ -483,13 +488,10 @@ impl Summarizer {
         let (text, start) = prompt::build(&spec, &p.transcript);
         let tok = self.llm.tokenizer().clone();
         let t = Instant::now();
-        let (ids, outline) = tokio::task::spawn_blocking(move || {
-            let ids = |t: String| tok.encode(t, false).map(|e| e.get_ids().to_vec());
-            Ok::<_, tokenizers::Error>((ids(text)?, prompt::outline().into_iter().map(ids).collect::<Result<Vec<_>, _>>()?))
-        })
-        .await
-        .map_err(|e| SummarizeError::Internal(e.to_string()))?
-        .map_err(|e| SummarizeError::Internal(format!("tokenizer: {e}")))?;
+        let ids = tokio::task::spawn_blocking(move || tok.encode(text, false).map(|e| e.get_ids().to_vec()))
+            .await
+            .map_err(|e| SummarizeError::Internal(e.to_string()))?
+            .map_err(|e| SummarizeError::Internal(format!("tokenizer: {e}")))?;
         let tok_ms = t.elapsed().as_secs_f64() * 1e3;
 
         let (priority, raise) = match urgent {
@@ -499,7 +501,13 @@ impl Summarizer {
             }
             None => (p.priority, None),
         };
-        let params = GenerateParams { max_new_tokens: self.cfg.max_new_tokens, priority, raise, outline, ..GenerateParams::default() };
+        let params = GenerateParams {
+            max_new_tokens: self.cfg.max_new_tokens,
+            priority,
+            raise,
+            outline: self.outline.clone(),
+            ..GenerateParams::default()
+        };
         // A helpdesk summarises the same thread again after each message: its
         // cached prompt lets the model read only what is new.
         let conversation = (!thread_id.is_empty()).then(|| thread_id.to_string());

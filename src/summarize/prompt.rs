@@ -89,11 +89,12 @@ pub fn user(spec: &PromptSpec, transcript: &str) -> String {
     s
 }
 
-/// How the note's lines after the first open, in order: given to the model
-/// as drafts for the line after each line break (`GenerateParams::outline`),
-/// they let it write a label in one pass instead of one pass a token.
-pub fn outline() -> [String; 4] {
-    [ISSUE, ACTIONS, STATUS, NEXT].map(|label| format!("{label}:"))
+/// How the note's lines after the first open, in order, as `tok`'s tokens:
+/// given to the model as drafts for the line after each line break
+/// (`GenerateParams::outline`), they let it write a label in one pass
+/// instead of one pass a token.
+pub fn outline(tok: &tokenizers::Tokenizer) -> tokenizers::Result<Vec<Vec<u32>>> {
+    [ISSUE, ACTIONS, STATUS, NEXT].iter().map(|label| Ok(tok.encode(format!("{label}:"), false)?.get_ids().to_vec())).collect()
 }
 
 /// Words in a language: how the note starts, and the transcript's speaker

@@ -260,8 +260,7 @@ fn an_outline_drafts_the_labels_of_a_structured_note() {
     let spec = prompt::PromptSpec { language_name: "English", language_tag: "en", max_words: 30, forbidden: &[] };
     let chat = "Customer: my order 48213 has not arrived after 9 days.\nAgent: I asked the carrier; it is held in Curitiba.\n";
     let p = llm.tokenizer().encode(prompt::build(&spec, chat).0, false).unwrap().get_ids().to_vec();
-    let outline: Vec<Vec<u32>> =
-        prompt::outline().into_iter().map(|l| llm.tokenizer().encode(l, false).unwrap().get_ids().to_vec()).collect();
+    let outline = prompt::outline(llm.tokenizer()).unwrap();
     let plain = GenerateParams { max_new_tokens: 72, ..Default::default() };
     let want = llm.generate(&p, None, &plain, |_| true).unwrap();
     let got = llm.generate(&p, None, &GenerateParams { outline, ..plain }, |_| true).unwrap();
