@@ -74,7 +74,10 @@ pub struct EncoderStats {
 pub struct EncoderHandle {
     id: Arc<str>,
     text: TextEncoder,
-    tx: mpsc::Sender<Job>,
+    /// A call's texts travel as one message, so they reach the queue
+    /// together: sent one by one, a caller descheduled between sends (a busy
+    /// 2-core machine) had its call split across batches.
+    tx: mpsc::Sender<Vec<Job>>,
     state: watch::Receiver<ModelState>,
     counters: Arc<Counters>,
 }
@@ -144,11 +147,16 @@ impl EncoderHandle {
         let tokenize = started.elapsed();
         let mut waits = Vec::with_capacity(ids.len());
         let mut lens = Vec::with_capacity(ids.len());
+        let mut jobs = Vec::with_capacity(ids.len());
+        let enqueued = Instant::now();
         for ids in ids {
             let (reply, rx) = oneshot::channel();
             lens.push(ids.len());
-            self.tx.send(Job { ids, enqueued: Instant::now(), reply }).map_err(|_| EncoderError::WorkerGone)?;
+            jobs.push(Job { ids, enqueued, reply });
             waits.push(rx);
+        }
+        if !jobs.is_empty() {
+            self.tx.send(jobs).map_err(|_| EncoderError::WorkerGone)?;
         }
         let mut out = Vec::with_capacity(waits.len());
         let mut timings = EncodeTimings { tokenize, ..Default::default() };
@@ -170,7 +178,7 @@ fn run(
     precision: Precision,
     policy: BatchPolicy,
     max_wait: Duration,
-    rx: mpsc::Receiver<Job>,
+    rx: mpsc::Receiver<Vec<Job>>,
     state: watch::Sender<ModelState>,
     max_tokens: usize,
     counters: &Counters,
@@ -186,7 +194,7 @@ fn run(
             tracing::error!(model = %files.id, error = %e, "encoder failed to load");
             let msg = e.to_string();
             let _ = state.send(ModelState::Failed(msg.clone()));
-            for job in rx {
+            for job in rx.iter().flatten() {
                 let _ = job.reply.send(Err(EncoderError::Load(msg.clone())));
             }
             return;
@@ -196,7 +204,7 @@ fn run(
     loop {
         if queue.is_empty() {
             match rx.recv() {
-                Ok(job) => queue.push_back(job),
+                Ok(jobs) => queue.extend(jobs),
                 Err(_) => return, // every handle dropped
             }
         }
@@ -206,13 +214,13 @@ fn run(
         while !policy.is_full(&queue) {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(job) => queue.push_back(job),
+                Ok(jobs) => queue.extend(jobs),
                 Err(_) => break,
             }
         }
         // Drain what else arrived without waiting.
-        while let Ok(job) = rx.try_recv() {
-            queue.push_back(job);
+        while let Ok(jobs) = rx.try_recv() {
+            queue.extend(jobs);
         }
         queue.retain(|j| {
             let live = !j.reply.is_closed();
