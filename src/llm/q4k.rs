@@ -183,6 +183,11 @@ impl PackedQ4K {
 pub(super) trait SuperBlocks: Sync {
     fn shape(&self) -> (usize, usize);
     fn scalar_row(&self, xq: &Q8KRows, r: usize, t: usize, out: &mut [f32]);
+    /// Whether `vector` takes 8 rows at once as well as 1 to 4: worth it
+    /// where unpacking the weights, shared by the rows, is the kernel's cost.
+    fn eight_rows(&self) -> bool {
+        false
+    }
     /// # Safety
     /// AVX-512 VNNI present; `out` holds `R` rows (stride `n`) of `cols` floats.
     #[cfg(target_arch = "x86_64")]
@@ -219,11 +224,13 @@ impl<W: SuperBlocks> Tiled for W {
             return;
         }
         while r < xq.rows {
-            let rows = 4.min(xq.rows - r);
+            let left = xq.rows - r;
+            let rows = if left >= 8 && self.eight_rows() { 8 } else { left.min(4) };
             let dst = out.add(r * n);
             #[cfg(target_arch = "x86_64")]
             if fast {
                 match rows {
+                    8 => self.vector::<8>(xq, r, t, dst, cols),
                     4 => self.vector::<4>(xq, r, t, dst, cols),
                     3 => self.vector::<3>(xq, r, t, dst, cols),
                     2 => self.vector::<2>(xq, r, t, dst, cols),

@@ -168,6 +168,12 @@ impl SuperBlocks for KQuant {
             KQuant::Q6K(p) => p.scalar_row(xq, r, t, out),
         }
     }
+    fn eight_rows(&self) -> bool {
+        match self {
+            KQuant::Q4K(p) => p.eight_rows(),
+            KQuant::Q6K(p) => p.eight_rows(),
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     unsafe fn vector<const R: usize>(&self, xq: &Q8KRows, r: usize, t: usize, out: *mut f32, cols: usize) {
         match self {
