@@ -13,6 +13,7 @@
 //! division and product. Unit tests hold both to that.
 
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Values per task: a decode row of 8,960 is split in two, a prompt chunk's
 /// millions spread over the whole pool.
@@ -23,9 +24,11 @@ pub fn swiglu(g: &[f32], u: &[f32]) -> candle_core::Result<Vec<f32>> {
     if g.len() != u.len() {
         candle_core::bail!("swiglu of {} gates and {} inputs", g.len(), u.len());
     }
-    let mut out = vec![0f32; g.len()];
+    // Every value is written below, so the output is not zeroed first (a
+    // prompt chunk's is 9 MB a layer).
+    let mut out = Vec::with_capacity(g.len());
     let vector = crate::cpu::avx512f();
-    let body = |(o, (g, u)): (&mut [f32], (&[f32], &[f32]))| {
+    let body = |(o, (g, u)): (&mut [MaybeUninit<f32>], (&[f32], &[f32]))| {
         #[cfg(target_arch = "x86_64")]
         if vector {
             // SAFETY: AVX-512 F checked at run time.
@@ -34,18 +37,22 @@ pub fn swiglu(g: &[f32], u: &[f32]) -> candle_core::Result<Vec<f32>> {
         let _ = vector;
         scalar(g, u, o)
     };
-    if out.len() <= PAR {
-        body((&mut out, (g, u)));
+    let spare = &mut out.spare_capacity_mut()[..g.len()];
+    if spare.len() <= PAR {
+        body((spare, (g, u)));
     } else {
-        out.par_chunks_mut(PAR).zip(g.par_chunks(PAR).zip(u.par_chunks(PAR))).for_each(body);
+        spare.par_chunks_mut(PAR).zip(g.par_chunks(PAR).zip(u.par_chunks(PAR))).for_each(body);
     }
+    // SAFETY: the chunks cover the first `g.len()` values, and `body` writes
+    // each value of its chunk.
+    unsafe { out.set_len(g.len()) };
     Ok(out)
 }
 
 /// The reference: candle's `silu` formula with libm's `expf`.
-fn scalar(g: &[f32], u: &[f32], out: &mut [f32]) {
+fn scalar(g: &[f32], u: &[f32], out: &mut [MaybeUninit<f32>]) {
     for ((o, &x), &y) in out.iter_mut().zip(g).zip(u) {
-        *o = x / (1.0 + (-x).exp()) * y;
+        o.write(x / (1.0 + (-x).exp()) * y);
     }
 }
 
@@ -109,7 +116,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn swiglu(g: &[f32], u: &[f32], out: &mut [f32]) {
+    pub(super) unsafe fn swiglu(g: &[f32], u: &[f32], out: &mut [std::mem::MaybeUninit<f32>]) {
         let n = out.len().min(g.len()).min(u.len());
         let one = _mm512_set1_ps(1.0);
         let mut i = 0;
@@ -119,7 +126,7 @@ mod avx512 {
             let y = _mm512_maskz_loadu_ps(m, u.as_ptr().add(i));
             let e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x));
             let o = _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), y);
-            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), m, o);
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i) as *mut f32, m, o);
             i += 16;
         }
     }
