@@ -28,7 +28,7 @@ pub fn swiglu(g: &[f32], u: &[f32]) -> candle_core::Result<Vec<f32>> {
     // prompt chunk's is 9 MB a layer).
     let mut out = Vec::with_capacity(g.len());
     let vector = crate::cpu::avx512f();
-    let body = |(o, (g, u)): (&mut [MaybeUninit<f32>], (&[f32], &[f32]))| {
+    let body = |o: &mut [MaybeUninit<f32>], g: &[f32], u: &[f32]| {
         #[cfg(target_arch = "x86_64")]
         if vector {
             // SAFETY: AVX-512 F checked at run time.
@@ -39,9 +39,9 @@ pub fn swiglu(g: &[f32], u: &[f32]) -> candle_core::Result<Vec<f32>> {
     };
     let spare = &mut out.spare_capacity_mut()[..g.len()];
     if spare.len() <= PAR {
-        body((spare, (g, u)));
+        body(spare, g, u);
     } else {
-        spare.par_chunks_mut(PAR).zip(g.par_chunks(PAR).zip(u.par_chunks(PAR))).for_each(body);
+        spare.par_chunks_mut(PAR).zip(g.par_chunks(PAR).zip(u.par_chunks(PAR))).for_each(|(o, (g, u))| body(o, g, u));
     }
     // SAFETY: the chunks cover the first `g.len()` values, and `body` writes
     // each value of its chunk.
