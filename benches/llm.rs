@@ -13,6 +13,7 @@
 //!   PASS_ROWS=8 REPS=200 cargo bench --bench llm  # one row count, many passes (profiling)
 //!   DECODE_RATIO=8 cargo bench --bench llm        # after-1,024 / short generation, alternated
 //!   BATCH=1,2,4,8 [CONTEXT=1024] cargo bench --bench llm   # sequences decoded together: aggregate tok/s
+//!   PAIRED=1 cargo bench --bench llm              # generations asked on stdin (benches/llm_peers.py --paired)
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
@@ -208,6 +209,24 @@ fn main() {
                 logits = e.feed(&[argmax(&logits).unwrap()], ctx + i);
             }
             println!("| {name} | palaver decode only | | | {:.1} | |", n as f64 / t.elapsed().as_secs_f64());
+            continue;
+        }
+        if std::env::var("PAIRED").is_ok_and(|v| v == "1") {
+            // Driven by benches/llm_peers.py --paired, which takes turns with
+            // llama.cpp generation by generation: each stdin line `short` or
+            // `long` answers one generation's tokens/s (64 tokens after 16 or
+            // after 1,024 tokens of context), the model staying loaded.
+            let mut e = Own { llm: &llm, cache: llm.transformer().new_cache() };
+            generation_rate(&mut e, &tokens, 16); // warm-up, as the peer's
+            println!("ready");
+            for line in std::io::stdin().lines() {
+                let context = match line.expect("stdin").trim() {
+                    "short" => 16,
+                    "long" => 1024,
+                    other => panic!("PAIRED: `short` or `long`, got {other:?}"),
+                };
+                println!("{:.3}", generation_rate(&mut e, &tokens, context));
+            }
             continue;
         }
         if let Some(pairs) = std::env::var("DECODE_RATIO").ok().and_then(|s| s.parse::<usize>().ok()) {

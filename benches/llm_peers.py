@@ -1,8 +1,16 @@
 """Peer measurements for benches/llm.rs: the same four numbers (prompt 512 and
 1,024 tokens/s; 64 generated tokens/s after 16 and after 1,024 tokens of
-context), greedy, for llama.cpp and PyTorch on one GGUF file."""
+context), greedy, for llama.cpp and PyTorch on one GGUF file.
+
+With --paired N, generation only: llama.cpp and palaver (`PAIRED=1 cargo bench
+--bench llm`, a child process) both keep the model loaded and take turns, one
+64-token generation each, N pairs per context, the first of each pair
+alternating; each pair's ratio is of two runs seconds apart, so the VM's drift
+over minutes falls on both engines alike."""
 import argparse
+import os
 import statistics
+import subprocess
 import time
 
 
@@ -38,7 +46,40 @@ def llama_cpp(args):
             llm.eval([nxt])
         return 64 / (time.perf_counter() - t)
 
+    if args.paired:
+        return paired(args, generate)
     return measure(prompt, generate, args.runs)
+
+
+def paired(args, peer_generate):
+    """Generations of llama.cpp and palaver taking turns (see the module's doc)."""
+    env = dict(os.environ, PALAVER_LLMS=args.model, PAIRED="1", STOCK="0", RAYON_NUM_THREADS=str(args.threads))
+    own = subprocess.Popen(args.palaver, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+    while own.stdout.readline().strip() != "ready":
+        if own.poll() is not None:
+            raise RuntimeError(f"palaver exited with {own.returncode} before it was ready")
+
+    def own_generate(ctx):
+        own.stdin.write(("short" if ctx == 16 else "long") + "\n")
+        return float(own.stdout.readline())
+
+    peer_generate(16)  # warm-up, as palaver's
+    rows = []
+    for ctx, label in ((16, "short"), (1024, "after 1,024")):
+        ratios, ours, theirs = [], [], []
+        for i in range(args.paired):
+            if i % 2 == 0:
+                a, b = own_generate(ctx), peer_generate(ctx)
+            else:
+                b, a = peer_generate(ctx), own_generate(ctx)
+            ours.append(a), theirs.append(b), ratios.append(a / b)
+        wins = sum(r > 1 for r in ratios)
+        rows.append(f"| {args.model} | generation {label}, {args.paired} pairs | palaver {statistics.median(ours):.1f} "
+                    f"| llama.cpp {statistics.median(theirs):.1f} | palaver / llama.cpp: median {statistics.median(ratios):.3f}x, "
+                    f"palaver faster in {wins} of {len(ratios)} | pairs: {' '.join(f'{r:.2f}' for r in ratios)} |")
+    own.stdin.close()
+    own.wait()
+    return rows
 
 
 def torch_bf16(args):
@@ -102,7 +143,14 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--engines", default="llama.cpp,pytorch-bf16,pytorch-f32")
+    p.add_argument("--paired", type=int, default=0, help="N: llama.cpp and palaver taking turns, N generations each per context")
+    p.add_argument("--palaver", nargs="+", default=["cargo", "bench", "-q", "--bench", "llm"],
+                   help="the command that runs benches/llm.rs (for --paired)")
     args = p.parse_args()
+    if args.paired:
+        for row in llama_cpp(args):
+            print(row, flush=True)
+        return
     for engine in args.engines.split(","):
         fn = {"llama.cpp": llama_cpp, "pytorch-bf16": torch_bf16, "pytorch-f32": torch_f32}[engine]
         try:

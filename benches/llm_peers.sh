@@ -12,8 +12,14 @@
 # drifts by 20% and more over minutes; run one engine's repeats back to back
 # and the drift lands on one engine's figures.
 #
+# Rounds take minutes, and within one an engine can land on a slow minute of
+# the VM. PAIRED=N measures generation the finer way: llama.cpp and palaver,
+# both loaded, take turns generation by generation, N pairs per context, and
+# each pair's ratio is printed (benches/llm_peers.py --paired).
+#
 #   benches/llm_peers.sh                      # both Qwen2.5 models, 2 threads
 #   THREADS=2 RUNS=3 benches/llm_peers.sh qwen2.5-coder-0.5b-instruct
+#   PAIRED=20 benches/llm_peers.sh            # generation only, in pairs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${PALAVER_PEERS_VENV:-$HOME/.cache/palaver/peers-venv}"
@@ -33,6 +39,16 @@ OUT=$(mktemp)
 trap 'rm -f "$OUT"' EXIT
 date -u +"run started %Y-%m-%d %H:%M UTC"
 cargo bench -q --bench llm --no-run 2>/dev/null
+if [ -n "${PAIRED:-}" ]; then
+    for m in "${MODELS[@]}"; do
+        gguf=$(ls "$MODELS_DIR/$m"/*.gguf | head -1)
+        "$VENV/bin/python" benches/llm_peers.py --model "$m" --gguf "$gguf" \
+            --text ../shared/data/summaries/tweetsumm_train.jsonl \
+            --threads "${THREADS:-2}" --paired "$PAIRED" 2>/dev/null | grep '^|'
+    done
+    date -u +"run ended %Y-%m-%d %H:%M UTC"
+    exit 0
+fi
 for m in "${MODELS[@]}"; do
     gguf=$(ls "$MODELS_DIR/$m"/*.gguf | head -1)
     for round in $(seq "${RUNS:-3}"); do
