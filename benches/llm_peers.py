@@ -9,6 +9,7 @@ alternating; each pair's ratio is of two runs seconds apart, so the VM's drift
 over minutes falls on both engines alike."""
 import argparse
 import os
+import shlex
 import statistics
 import subprocess
 import time
@@ -54,7 +55,7 @@ def llama_cpp(args):
 def paired(args, peer_generate):
     """Generations of llama.cpp and palaver taking turns (see the module's doc)."""
     env = dict(os.environ, PALAVER_LLMS=args.model, PAIRED="1", STOCK="0", RAYON_NUM_THREADS=str(args.threads))
-    own = subprocess.Popen(args.palaver, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+    own = subprocess.Popen(shlex.split(args.palaver), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
     while own.stdout.readline().strip() != "ready":
         if own.poll() is not None:
             raise RuntimeError(f"palaver exited with {own.returncode} before it was ready")
@@ -144,8 +145,8 @@ def main():
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--engines", default="llama.cpp,pytorch-bf16,pytorch-f32")
     p.add_argument("--paired", type=int, default=0, help="N: llama.cpp and palaver taking turns, N generations each per context")
-    p.add_argument("--palaver", nargs="+", default=["cargo", "bench", "-q", "--bench", "llm"],
-                   help="the command that runs benches/llm.rs (for --paired)")
+    p.add_argument("--palaver", default="cargo bench -q --bench llm",
+                   help="the command line that runs benches/llm.rs (for --paired)")
     args = p.parse_args()
     if args.paired:
         for row in llama_cpp(args):
