@@ -213,17 +213,17 @@ fn main() {
         }
         if std::env::var("PAIRED").is_ok_and(|v| v == "1") {
             // Driven by benches/llm_peers.py --paired, which takes turns with
-            // llama.cpp generation by generation: each stdin line `short` or
-            // `long` answers one generation's tokens/s (64 tokens after 16 or
-            // after 1,024 tokens of context), the model staying loaded.
+            // llama.cpp generation by generation: each stdin line, a context
+            // length, answers the tokens/s of 64 tokens generated after that
+            // many, the model staying loaded.
             let mut e = Own { llm: &llm, cache: llm.transformer().new_cache() };
             generation_rate(&mut e, &tokens, 16); // warm-up, as the peer's
             println!("ready");
             for line in std::io::stdin().lines() {
-                let context = match line.expect("stdin").trim() {
-                    "short" => 16,
-                    "long" => 1024,
-                    other => panic!("PAIRED: `short` or `long`, got {other:?}"),
+                let line = line.expect("stdin");
+                let context: usize = match line.trim().parse() {
+                    Ok(c) if (1..=tokens.len() - 64).contains(&c) => c,
+                    _ => panic!("PAIRED: a context of 1 to {} tokens a line, got {line:?}", tokens.len() - 64),
                 };
                 println!("{:.3}", generation_rate(&mut e, &tokens, context));
             }

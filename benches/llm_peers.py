@@ -61,8 +61,11 @@ def paired(args, peer_generate):
             raise RuntimeError(f"palaver exited with {own.returncode} before it was ready")
 
     def own_generate(ctx):
-        own.stdin.write(("short" if ctx == 16 else "long") + "\n")
-        return float(own.stdout.readline())
+        own.stdin.write(f"{ctx}\n")
+        line = own.stdout.readline()
+        if not line:
+            raise RuntimeError(f"palaver exited with {own.wait()} during a generation after {ctx} tokens")
+        return float(line)
 
     peer_generate(16)  # warm-up, as palaver's
     rows = []
