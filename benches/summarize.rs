@@ -19,6 +19,8 @@
 //!   PREFIX_CACHE_MB=48 EVICT=1 RESUMMARISE_ONLY=1 cargo bench --bench summarize
 //!       # another new thread summarised before the grown one, with room for one thread's prompt
 //!       # cache (default 256): the grown thread reads its whole prompt, drafting from its last note
+//!   GROWN=8 cargo bench --bench summarize   # 8 other threads, each re-summarised after its own last
+//!       # customer message, with the rows and passes each run needed and the floor they set
 
 use palaver::eval::TweetSummDialog;
 use palaver::llm::LlmHandle;
@@ -96,6 +98,87 @@ fn batch_policy() -> palaver::llm::batching::BatchPolicy {
     p
 }
 
+/// Work that no kernel can skip, for one summary: `rows` positions through
+/// the model (the new prompt tokens, then every generated token but the last)
+/// in `passes` passes (the prompt's chunks, then one per token not confirmed
+/// as a draft). The summaries are the same greedy notes whatever the
+/// schedule, so both counts are fixed by the notes themselves.
+struct Work {
+    rows: usize,
+    passes: usize,
+}
+
+impl Work {
+    fn of(r: &palaver::summarize::Summary, chunk: usize) -> Self {
+        let t = &r.timings;
+        let read = t.prompt_tokens - t.reused_prompt_tokens;
+        Self { rows: read + t.generated_tokens.saturating_sub(1), passes: read.div_ceil(chunk) + t.generated_tokens.saturating_sub(t.drafted_tokens + 1) }
+    }
+
+    /// Time at `pass_ms` a pass of one row plus `row_ms` each further row.
+    fn ms(&self, pass_ms: f64, row_ms: f64) -> f64 {
+        self.passes as f64 * pass_ms + self.rows.saturating_sub(self.passes) as f64 * row_ms
+    }
+}
+
+/// Threads other than the usual bench thread, each first summarised without
+/// its last customer message and then re-summarised with it, as a helpdesk
+/// does when that message arrives. Prints each one's latencies, and the
+/// re-summary's floor: its passes at `PASS_MS` each (a pass of one row) and
+/// its further rows at `ROW_MS` each. The defaults are the least a pass and
+/// an extra row of the 1.5B cost on this machine after ~1,100 tokens
+/// (`PASS_ROWS=1,2,5,81,145,256 CONTEXT=1100 cargo bench --bench llm`: 33.7
+/// ms for one row, 3.3 ms more for the second and more for every further
+/// one), so the first summary's time over that floor is the most that any
+/// schedule could make of the ratio with passes and rows that cost what they
+/// cost here.
+async fn grown_threads(s: &Summarizer, dialogs: &[TweetSummDialog], n: usize) {
+    let tok = s.llm().tokenizer().clone();
+    let chunk = batch_policy().prompt_chunk;
+    let (pass_ms, row_ms) = (env_f64("PASS_MS", 33.7), env_f64("ROW_MS", 3.3));
+    println!("\nre-summarised after each thread's own last customer message; floor at {pass_ms} ms a pass + {row_ms} ms each further row");
+    println!("| thread | new message (tokens) | first: s, rows, passes | re-summarised: s, rows (drafted tokens), passes | x faster | floor of the re-summary (s) | x faster at most |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut ratios = vec![];
+    for k in 0..n {
+        // Threads apart from the usual one (start 0), ~1,000 tokens each.
+        let whole = palaver::eval::long_thread(dialogs, 11 * k + 5, 1000, |t| tok.encode(t, false).map(|e| e.len()).unwrap_or(0));
+        let Some(last) = whole.thread.messages.iter().rposition(|m| m.role == palaver::summarize::thread::Role::Customer) else { continue };
+        let mut grown = palaver::eval::as_new_thread(&whole, &format!("grown-{k}"));
+        grown.thread.messages.truncate(last + 1);
+        let mut before = grown.clone();
+        let message = before.thread.messages.pop().expect("the last customer message");
+        let t = Instant::now();
+        let first = s.summarize(before, None).await.unwrap();
+        let cold = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let again = s.summarize(grown, None).await.unwrap();
+        let warm = t.elapsed().as_secs_f64();
+        if std::env::var_os("SHOW").is_some() {
+            eprintln!("{k} before: {}\n{k} after: {}", first.raw.replace('\n', " // "), again.raw.replace('\n', " // "));
+        }
+        let (a, b) = (Work::of(&first, chunk), Work::of(&again, chunk));
+        ratios.push(cold / warm);
+        println!(
+            "| {k} | {} | {cold:.1}, {}, {} | {warm:.2}, {} ({}), {} | {:.1}x | {:.2} | {:.1}x |",
+            tok.encode(message.text.as_str(), false).map(|e| e.len()).unwrap_or(0),
+            a.rows,
+            a.passes,
+            b.rows,
+            again.timings.drafted_tokens,
+            b.passes,
+            cold / warm,
+            b.ms(pass_ms, row_ms) / 1e3,
+            cold * 1e3 / b.ms(pass_ms, row_ms),
+        );
+    }
+    println!("median: {:.1}x faster", median(ratios));
+}
+
+fn env_f64(name: &str, default: f64) -> f64 {
+    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
@@ -126,6 +209,15 @@ fn main() {
         llm.wait_loaded().await;
         let cfg = SummarizeConfig { faithfulness_retries: 0, ..SummarizeConfig::default() };
         let s = Summarizer::new(llm.clone(), cfg);
+        if let Some(n) = std::env::var("GROWN").ok().and_then(|v| v.parse().ok()) {
+            println!("model {name}, threads {}", rayon::current_num_threads());
+            // A warm-up, so that the instructions are cached as for any thread after the first.
+            let tok = llm.tokenizer().clone();
+            let warm = palaver::eval::long_thread(&dialogs, 0, 200, |t| tok.encode(t, false).map(|e| e.len()).unwrap_or(0));
+            let _ = s.summarize(palaver::eval::as_new_thread(&warm, "warm-up"), None).await.unwrap();
+            grown_threads(&s, &dialogs, n).await;
+            return;
+        }
         println!("model {name}, {runs} runs after a warm-up, threads {}", rayon::current_num_threads());
         println!("| thread | prompt tokens (reused) | generated | latency median (s) | prompt tok/s (tokens read) | generated tok/s |");
         println!("|---|---|---|---|---|---|");
