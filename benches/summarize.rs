@@ -21,6 +21,7 @@
 //!       # cache (default 256): the grown thread reads its whole prompt, drafting from its last note
 //!   GROWN=8 cargo bench --bench summarize   # 8 other threads, each re-summarised after its own last
 //!       # customer message, with the rows and passes each run needed and the floor they set
+//!   SINGLE=1 GROWN=8 cargo bench --bench summarize   # the same on single TweetSumm dialogs
 
 use palaver::eval::TweetSummDialog;
 use palaver::llm::LlmHandle;
@@ -136,13 +137,21 @@ async fn grown_threads(s: &Summarizer, dialogs: &[TweetSummDialog], n: usize) {
     let tok = s.llm().tokenizer().clone();
     let chunk = batch_policy().prompt_chunk;
     let (pass_ms, row_ms) = (env_f64("PASS_MS", 33.7), env_f64("ROW_MS", 3.3));
+    let single = std::env::var_os("SINGLE").is_some();
     println!("\nre-summarised after each thread's own last customer message; floor at {pass_ms} ms a pass + {row_ms} ms each further row");
     println!("| thread | new message (tokens) | first: s, rows, passes | re-summarised: s, rows (drafted tokens), passes | x faster | floor of the re-summary (s) | x faster at most |");
     println!("|---|---|---|---|---|---|---|");
     let mut ratios = vec![];
     for k in 0..n {
-        // Threads apart from the usual one (start 0), ~1,000 tokens each.
-        let whole = palaver::eval::long_thread(dialogs, 11 * k + 5, 1000, |t| tok.encode(t, false).map(|e| e.len()).unwrap_or(0));
+        // Threads apart from the usual one (start 0): ~1,000 tokens of
+        // consecutive dialogs each, or with SINGLE one whole dialog (one
+        // conversation, a few hundred tokens).
+        let start = 11 * k + 5;
+        let whole = if single {
+            dialogs[start % dialogs.len()].to_input()
+        } else {
+            palaver::eval::long_thread(dialogs, start, 1000, |t| tok.encode(t, false).map(|e| e.len()).unwrap_or(0))
+        };
         let Some(last) = whole.thread.messages.iter().rposition(|m| m.role == palaver::summarize::thread::Role::Customer) else { continue };
         let mut grown = palaver::eval::as_new_thread(&whole, &format!("grown-{k}"));
         grown.thread.messages.truncate(last + 1);
