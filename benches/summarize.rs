@@ -112,7 +112,7 @@ struct Work {
 impl Work {
     fn of(r: &palaver::summarize::Summary, chunk: usize) -> Self {
         let t = &r.timings;
-        let read = t.prompt_tokens - t.reused_prompt_tokens;
+        let read = t.prompt_tokens_processed;
         Self { rows: read + t.generated_tokens.saturating_sub(1), passes: read.div_ceil(chunk) + t.generated_tokens.saturating_sub(t.drafted_tokens + 1) }
     }
 
@@ -136,7 +136,7 @@ impl Work {
 async fn grown_threads(s: &Summarizer, dialogs: &[TweetSummDialog], n: usize) {
     let tok = s.llm().tokenizer().clone();
     let chunk = batch_policy().prompt_chunk;
-    let (pass_ms, row_ms) = (env_f64("PASS_MS", 33.7), env_f64("ROW_MS", 3.3));
+    let (pass_ms, row_ms) = (env_or("PASS_MS", 33.7), env_or("ROW_MS", 3.3));
     let single = std::env::var_os("SINGLE").is_some();
     println!("\nre-summarised after each thread's own last customer message; floor at {pass_ms} ms a pass + {row_ms} ms each further row");
     println!("| thread | new message (tokens) | first: s, rows, passes | re-summarised: s, rows (drafted tokens), passes | x faster | floor of the re-summary (s) | x faster at most |");
@@ -150,7 +150,7 @@ async fn grown_threads(s: &Summarizer, dialogs: &[TweetSummDialog], n: usize) {
         let whole = if single {
             dialogs[start % dialogs.len()].to_input()
         } else {
-            palaver::eval::long_thread(dialogs, start, 1000, |t| tok.encode(t, false).map(|e| e.len()).unwrap_or(0))
+            palaver::eval::long_thread(dialogs, start, 1000, counter(&tok))
         };
         let Some(last) = whole.thread.messages.iter().rposition(|m| m.role == palaver::summarize::thread::Role::Customer) else { continue };
         let mut grown = palaver::eval::as_new_thread(&whole, &format!("grown-{k}"));
@@ -170,7 +170,7 @@ async fn grown_threads(s: &Summarizer, dialogs: &[TweetSummDialog], n: usize) {
         ratios.push(cold / warm);
         println!(
             "| {k} | {} | {cold:.1}, {}, {} | {warm:.2}, {} ({}), {} | {:.1}x | {:.2} | {:.1}x |",
-            tok.encode(message.text.as_str(), false).map(|e| e.len()).unwrap_or(0),
+            counter(&tok)(&message.text),
             a.rows,
             a.passes,
             b.rows,
@@ -184,12 +184,13 @@ async fn grown_threads(s: &Summarizer, dialogs: &[TweetSummDialog], n: usize) {
     println!("median: {:.1}x faster", median(ratios));
 }
 
-fn env_f64(name: &str, default: f64) -> f64 {
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+/// Counts a text's tokens, for `eval::long_thread`.
+fn counter(tok: &tokenizers::Tokenizer) -> impl Fn(&str) -> usize + '_ {
+    |t| tok.encode(t, false).map(|e| e.len()).unwrap_or(0)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -214,7 +215,7 @@ fn main() {
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
-        let llm = LlmHandle::spawn(files, candle_core::Device::Cpu, palaver::llm::LlmOptions { prefix_cache_bytes: Some(env_or("PREFIX_CACHE_MB", 256) << 20), batch: batch_policy() }).unwrap();
+        let llm = LlmHandle::spawn(files, candle_core::Device::Cpu, palaver::llm::LlmOptions { prefix_cache_bytes: Some(env_or("PREFIX_CACHE_MB", 256usize) << 20), batch: batch_policy() }).unwrap();
         llm.wait_loaded().await;
         let cfg = SummarizeConfig { faithfulness_retries: 0, ..SummarizeConfig::default() };
         let s = Summarizer::new(llm.clone(), cfg);
@@ -222,7 +223,7 @@ fn main() {
             println!("model {name}, threads {}", rayon::current_num_threads());
             // A warm-up, so that the instructions are cached as for any thread after the first.
             let tok = llm.tokenizer().clone();
-            let warm = palaver::eval::long_thread(&dialogs, 0, 200, |t| tok.encode(t, false).map(|e| e.len()).unwrap_or(0));
+            let warm = palaver::eval::long_thread(&dialogs, 0, 200, counter(&tok));
             let _ = s.summarize(palaver::eval::as_new_thread(&warm, "warm-up"), None).await.unwrap();
             grown_threads(&s, &dialogs, n).await;
             return;
@@ -232,7 +233,7 @@ fn main() {
         println!("|---|---|---|---|---|---|");
         for target in [200usize, 1000] {
             let tok = llm.tokenizer().clone();
-            let input = palaver::eval::long_thread(&dialogs, 0, target, |t| tok.encode(t, false).map(|e| e.len()).unwrap_or(0));
+            let input = palaver::eval::long_thread(&dialogs, 0, target, counter(&tok));
             // A thread never seen: its own id and a first message of its own,
             // so that only the instructions before the transcript are cached
             // (from the warm-up) and the whole transcript is read.
