@@ -76,7 +76,9 @@ def paired(args, peer_generate):
                 a, b = own_generate(ctx), peer_generate(ctx)
             else:
                 b, a = peer_generate(ctx), own_generate(ctx)
-            ours.append(a), theirs.append(b), ratios.append(a / b)
+            ours.append(a)
+            theirs.append(b)
+            ratios.append(a / b)
         wins = sum(r > 1 for r in ratios)
         rows.append(f"| {args.model} | generation {label}, {args.paired} pairs | palaver {statistics.median(ours):.1f} "
                     f"| llama.cpp {statistics.median(theirs):.1f} | palaver / llama.cpp: median {statistics.median(ratios):.3f}x, "

@@ -40,11 +40,18 @@ trap 'rm -f "$OUT"' EXIT
 date -u +"run started %Y-%m-%d %H:%M UTC"
 cargo bench -q --bench llm --no-run 2>/dev/null
 if [ -n "${PAIRED:-}" ]; then
+    # llama.cpp logs to stderr; it is shown only when the run fails, where it
+    # holds the reason (a palaver child that died is named there).
+    ERR=$(mktemp)
+    trap 'rm -f "$OUT" "$ERR"' EXIT
     for m in "${MODELS[@]}"; do
         gguf=$(ls "$MODELS_DIR/$m"/*.gguf | head -1)
-        "$VENV/bin/python" benches/llm_peers.py --model "$m" --gguf "$gguf" \
+        if ! "$VENV/bin/python" benches/llm_peers.py --model "$m" --gguf "$gguf" \
             --text ../shared/data/summaries/tweetsumm_train.jsonl \
-            --threads "${THREADS:-2}" --paired "$PAIRED" 2>/dev/null | grep '^|'
+            --threads "${THREADS:-2}" --paired "$PAIRED" 2>"$ERR" | grep '^|'; then
+            tail -n 20 "$ERR" >&2
+            exit 1
+        fi
     done
     date -u +"run ended %Y-%m-%d %H:%M UTC"
     exit 0
